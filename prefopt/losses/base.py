@@ -1,0 +1,64 @@
+"""The loss contract: what a loss receives (`LossInputs`) and returns (`LossOutput`).
+
+See DESIGN.md §1. Every tensor is 1-D; "logps" are log-probabilities of the
+completion tokens only, summed over those tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+
+from prefopt.errors import PrefoptError
+
+
+class LossError(PrefoptError, ValueError):
+    """A loss was asked for, configured or fed wrongly; the message says how to fix it."""
+
+
+@dataclass
+class LossInputs:
+    """Per-example quantities a preference loss is computed from.
+
+    The chosen (desirable) side has length Bc, the rejected (undesirable) side Br.
+    Paired losses require Bc == Br (row i of each side is one pair); unpaired losses
+    such as KTO accept any Bc, Br >= 0.
+    """
+
+    policy_chosen_logps: torch.Tensor
+    policy_rejected_logps: torch.Tensor
+    chosen_lengths: torch.Tensor | None = None
+    rejected_lengths: torch.Tensor | None = None
+    reference_chosen_logps: torch.Tensor | None = None
+    reference_rejected_logps: torch.Tensor | None = None
+    # sum over completion tokens of KL(pi_ref(.|x,y<t) || pi_theta(.|x,y<t)), full vocabulary (TDPO)
+    chosen_kl: torch.Tensor | None = None
+    rejected_kl: torch.Tensor | None = None
+    # logps of mismatched (x_i, y_j) completions, for KTO's reference point
+    policy_kl_logps: torch.Tensor | None = None
+    reference_kl_logps: torch.Tensor | None = None
+
+    def at_least_float32(self) -> LossInputs:
+        """Half-precision fields are upcast: sigmoid/log terms lose too much in 16 bits.
+
+        float64 stays float64 (gradcheck relies on it); lengths become floats of the same kind.
+        """
+        changes = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if not value.is_floating_point() or value.dtype in (torch.float16, torch.bfloat16):
+                value = value.float()
+            changes[f.name] = value
+        return replace(self, **changes)
+
+
+@dataclass
+class LossOutput:
+    """`loss` is a scalar: the mean over examples. `metrics` are floats or 0-d tensors."""
+
+    loss: torch.Tensor
+    metrics: dict[str, Any] = field(default_factory=dict)

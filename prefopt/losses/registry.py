@@ -1,0 +1,179 @@
+"""The loss registry: names -> pure loss functions plus what each one needs.
+
+A loss is registered with `@register_loss(name, needs_reference=..., ...)`. Its
+hyperparameters are its keyword-only parameters; their defaults are the defaults.
+`get_loss(name)` returns a plain function `fn(inputs, **hyperparameters) -> LossOutput`
+that validates names, values and shapes first, and carries the declaration as `fn.spec`
+so the trainer can compute exactly what the loss needs without knowing its name.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefopt.losses.base import LossError, LossInputs, LossOutput
+from prefopt.losses.checks import Check
+
+LossFn = Callable[..., LossOutput]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What a loss is and what it needs from the trainer."""
+
+    name: str
+    fn: LossFn
+    hyperparameters: Mapping[str, Any]  # name -> default
+    checks: Mapping[str, Check] = field(default_factory=dict)
+    needs_reference: bool = True  # reference_{chosen,rejected}_logps
+    needs_token_kl: bool = False  # chosen_kl / rejected_kl (full-vocabulary, per token)
+    needs_kl_pairs: bool = False  # policy_kl_logps / reference_kl_logps (mismatched pairs)
+    needs_lengths: bool = False  # chosen_lengths / rejected_lengths
+    paired: bool = True  # Bc == Br, row i of each side is one pair
+    description: str = ""
+
+    @property
+    def needs(self) -> list[str]:
+        """Human-readable list of what the trainer must provide beyond policy logps."""
+        flags = {
+            "reference": self.needs_reference,
+            "token_kl": self.needs_token_kl,
+            "kl_pairs": self.needs_kl_pairs,
+            "lengths": self.needs_lengths,
+        }
+        return [name for name, wanted in flags.items() if wanted]
+
+    def resolve(self, hyperparameters: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Defaults overlaid with `hyperparameters`, after checking names and values."""
+        given = dict(hyperparameters or {})
+        unknown = sorted(set(given) - set(self.hyperparameters))
+        if unknown:
+            valid = ", ".join(self.hyperparameters) or "(none)"
+            raise LossError(
+                f"loss '{self.name}' has no hyperparameter {', '.join(map(repr, unknown))}; valid ones: {valid}"
+            )
+        resolved = {**self.hyperparameters, **given}
+        for name, value in resolved.items():
+            check = self.checks.get(name)
+            problem = check(value) if check else None
+            if problem:
+                raise LossError(f"loss '{self.name}': {name} {problem}")
+        return resolved
+
+
+_REGISTRY: dict[str, LossSpec] = {}
+
+
+def _keyword_defaults(fn: LossFn) -> dict[str, Any]:
+    params = inspect.signature(fn).parameters.values()
+    missing = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+    if missing:
+        raise TypeError(f"{fn.__name__}: hyperparameters need defaults: {missing}")
+    return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+
+
+def register_loss(
+    name: str,
+    *,
+    needs_reference: bool = True,
+    needs_token_kl: bool = False,
+    needs_kl_pairs: bool = False,
+    needs_lengths: bool = False,
+    paired: bool = True,
+    checks: Mapping[str, Check] | None = None,
+    description: str | None = None,
+    replace: bool = False,
+) -> Callable[[LossFn], LossFn]:
+    """Register `fn(inputs: LossInputs, *, hyper=default, ...) -> LossOutput` under `name`.
+
+    Returns the function unchanged, so it stays callable and testable directly.
+    """
+
+    def decorator(fn: LossFn) -> LossFn:
+        if name in _REGISTRY and not replace:
+            raise LossError(f"a loss named '{name}' is already registered (pass replace=True)")
+        hyperparameters = _keyword_defaults(fn)
+        unknown_checks = set(checks or {}) - set(hyperparameters)
+        if unknown_checks:
+            raise TypeError(f"checks for unknown hyperparameters of '{name}': {unknown_checks}")
+        doc = inspect.getdoc(fn) or ""
+        _REGISTRY[name] = LossSpec(
+            name=name,
+            fn=fn,
+            hyperparameters=hyperparameters,
+            checks=dict(checks or {}),
+            needs_reference=needs_reference,
+            needs_token_kl=needs_token_kl,
+            needs_kl_pairs=needs_kl_pairs,
+            needs_lengths=needs_lengths,
+            paired=paired,
+            description=description or (doc.splitlines()[0] if doc else ""),
+        )
+        return fn
+
+    return decorator
+
+
+def available_losses() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_loss_spec(name: str) -> LossSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise LossError(f"unknown loss '{name}'; available: {', '.join(available_losses())}") from None
+
+
+_REQUIRED_FIELDS = {
+    "needs_reference": ("reference_chosen_logps", "reference_rejected_logps"),
+    "needs_token_kl": ("chosen_kl", "rejected_kl"),
+    "needs_kl_pairs": ("policy_kl_logps", "reference_kl_logps"),
+    "needs_lengths": ("chosen_lengths", "rejected_lengths"),
+}
+
+
+def _check_inputs(spec: LossSpec, inputs: LossInputs) -> None:
+    for flag, names in _REQUIRED_FIELDS.items():
+        if getattr(spec, flag):
+            missing = [n for n in names if getattr(inputs, n) is None]
+            if missing:
+                raise LossError(f"loss '{spec.name}' needs {', '.join(missing)}")
+    for side in ("chosen", "rejected"):
+        size = inputs.policy_chosen_logps.shape if side == "chosen" else inputs.policy_rejected_logps.shape
+        for prefix, suffix in (("reference_", "_logps"), ("", "_lengths"), ("", "_kl")):
+            other = getattr(inputs, f"{prefix}{side}{suffix}")
+            if other is not None and other.shape != size:
+                raise LossError(
+                    f"loss '{spec.name}': {prefix}{side}{suffix} has shape {tuple(other.shape)}, "
+                    f"policy_{side}_logps has {tuple(size)}"
+                )
+    n_chosen, n_rejected = len(inputs.policy_chosen_logps), len(inputs.policy_rejected_logps)
+    if spec.paired and n_chosen != n_rejected:
+        raise LossError(
+            f"loss '{spec.name}' is paired: it needs as many chosen as rejected examples "
+            f"(row i of each is one pair), got {n_chosen} chosen and {n_rejected} rejected"
+        )
+    if n_chosen + n_rejected == 0:
+        raise LossError(f"loss '{spec.name}': the batch is empty")
+
+
+def get_loss(name: str) -> LossFn:
+    """The registered loss as a plain function that validates before computing.
+
+    Half-precision inputs are computed in float32; the declaration is at `fn.spec`.
+    """
+    spec = get_loss_spec(name)
+
+    @functools.wraps(spec.fn)
+    def loss_fn(inputs: LossInputs, **hyperparameters: Any) -> LossOutput:
+        resolved = spec.resolve(hyperparameters)
+        _check_inputs(spec, inputs)
+        return spec.fn(inputs.at_least_float32(), **resolved)
+
+    loss_fn.spec = spec  # type: ignore[attr-defined]
+    return loss_fn
