@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from prefopt.data.formats import FORMATS
 from prefopt.errors import PrefoptError
 
 
@@ -20,6 +21,18 @@ def _cmd_losses(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from prefopt.data.inspection import format_report, inspect_data
+    from prefopt.hub import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    result = inspect_data(args.files, tokenizer, args.max_length, args.max_prompt_length, args.format)
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefopt", description="Offline preference optimization for causal LMs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -28,12 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     losses.add_argument("--loss-module", action="append", default=[], help="import this module first (custom losses)")
     losses.set_defaults(run=_cmd_losses)
 
-    for register in _EXTRA_COMMANDS:
-        register(commands)
+    data = commands.add_parser("data", help="look at preference data").add_subparsers(
+        dest="data_command", required=True
+    )
+    inspect = data.add_parser("inspect", help="format, counts, token lengths, truncation at a max length")
+    inspect.add_argument("files", nargs="+", help=".jsonl/.json/.parquet/.csv files or save_to_disk folders")
+    inspect.add_argument("--model", default="smollm2-135m-instruct", help="tokenizer: a model folder or alias")
+    inspect.add_argument("--max-length", type=int, default=1024, help="token budget of prompt + completion")
+    inspect.add_argument("--max-prompt-length", type=int, default=None, help="token budget of the prompt")
+    inspect.add_argument("--format", default=None, choices=FORMATS, help="skip auto-detection")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.set_defaults(run=_cmd_data_inspect)
     return parser
-
-
-_EXTRA_COMMANDS: list = []
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,224 @@
+"""Detect a record format and turn records into validated, normalised examples.
+
+Formats (DESIGN.md §3):
+  standard        {"prompt": str, "chosen": str, "rejected": str}
+  conversational  the same keys holding lists of {"role", "content"} messages
+  implicit        only "chosen"/"rejected" full transcripts (text or messages); the prompt
+                  is their longest common prefix, cut at a safe boundary (HH-RLHF style)
+  unpaired        {"prompt", "completion", "label": bool} (KTO); text or messages
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from prefopt.data.files import DataError, Record
+
+FORMATS = ("standard", "conversational", "implicit", "unpaired")
+
+Messages = list  # list[dict[str, str]] with "role" and "content"
+Text = str | list  # a string, or a list of messages
+
+# HH-RLHF transcripts: the prompt ends right after the last shared "Assistant:" turn marker.
+_ASSISTANT_MARKER = "\n\nAssistant:"
+
+
+@dataclass(frozen=True)
+class PairExample:
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    where: str
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+@dataclass(frozen=True)
+class SingleExample:
+    prompt: Text
+    completion: Text
+    label: bool
+    where: str
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+@dataclass
+class NormaliseReport:
+    """What happened to the records: kept, and dropped for which reason."""
+
+    format: str = ""
+    records: int = 0
+    kept: int = 0
+    identical_pairs: int = 0
+    duplicates: int = 0
+    empty_completions: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def detect_format(record: Record) -> str:
+    keys = set(record.fields)
+    if {"prompt", "completion", "label"} <= keys:
+        return "unpaired"
+    if {"chosen", "rejected"} <= keys:
+        if "prompt" not in keys:
+            return "implicit"
+        return "conversational" if isinstance(record.fields["chosen"], list) else "standard"
+    raise DataError(
+        f"{record.where}: cannot tell the format: expected prompt/chosen/rejected, chosen/rejected, "
+        f"or prompt/completion/label; found {', '.join(sorted(keys)) or 'no fields'}"
+    )
+
+
+def _field(record: Record, name: str):
+    if name not in record.fields or record.fields[name] is None:
+        raise DataError(f"{record.where}: missing field '{name}'")
+    return record.fields[name]
+
+
+def _text(record: Record, name: str) -> str:
+    value = _field(record, name)
+    if not isinstance(value, str):
+        raise DataError(f"{record.where}: field '{name}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{record.where}: field '{name}' is empty")
+    return value
+
+
+def _messages(record: Record, name: str) -> Messages:
+    value = _field(record, name)
+    if not isinstance(value, list):
+        raise DataError(f"{record.where}: field '{name}' must be a list of messages, got {type(value).__name__}")
+    if not value:
+        raise DataError(f"{record.where}: field '{name}' is empty")
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise DataError(f"{record.where}: field '{name}', message {i}: needs a 'role' string")
+        if not isinstance(message.get("content"), str):
+            raise DataError(f"{record.where}: field '{name}', message {i}: needs a 'content' string")
+    # Keep only role/content: other keys (tool calls, names) would change how templates render.
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _text_or_messages(record: Record, name: str) -> Text:
+    return _messages(record, name) if isinstance(record.fields.get(name), list) else _text(record, name)
+
+
+def _label(record: Record) -> bool:
+    value = _field(record, "label")
+    # CSV has no booleans: accept its spellings, nothing looser (1/"yes" could be a mistake).
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if type(value).__name__ not in ("bool", "bool_"):
+        raise DataError(f"{record.where}: field 'label' must be a boolean (true/false), got {value!r}")
+    return bool(value)
+
+
+def split_implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Longest common prefix as the prompt, cut at a safe boundary.
+
+    The cut is just after the last shared "\\n\\nAssistant:" when there is one (HH-RLHF), else
+    after the last whitespace of the common prefix, so no word is split between prompt and reply.
+    """
+    common = os.path.commonprefix([chosen, rejected])
+    marker = common.rfind(_ASSISTANT_MARKER)
+    if marker >= 0:
+        cut = marker + len(_ASSISTANT_MARKER)
+    else:
+        cut = max(common.rfind(c) for c in (" ", "\n", "\t")) + 1
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def _split_implicit_messages(chosen: Messages, rejected: Messages) -> tuple[Messages, Messages, Messages]:
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def _pair(record: Record, fmt: str) -> PairExample | None:
+    if fmt == "standard":
+        return PairExample(_text(record, "prompt"), _text(record, "chosen"), _text(record, "rejected"), record.where)
+    if fmt == "conversational":
+        prompt = _messages(record, "prompt")
+        return PairExample(prompt, _messages(record, "chosen"), _messages(record, "rejected"), record.where)
+    chosen, rejected = _text_or_messages(record, "chosen"), _text_or_messages(record, "rejected")
+    if isinstance(chosen, list) != isinstance(rejected, list):
+        raise DataError(f"{record.where}: 'chosen' and 'rejected' must both be text or both be messages")
+    if isinstance(chosen, list):
+        prompt, chosen, rejected = _split_implicit_messages(chosen, rejected)
+    else:
+        prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)
+    if not prompt:
+        raise DataError(f"{record.where}: 'chosen' and 'rejected' share no prompt (implicit-prompt format)")
+    return PairExample(prompt, chosen, rejected, record.where)
+
+
+def _is_blank(value: Text) -> bool:
+    return not value.strip() if isinstance(value, str) else not any(m["content"].strip() for m in value)
+
+
+def _key(*parts) -> str:
+    return json.dumps(parts, sort_keys=True, ensure_ascii=False)
+
+
+def normalise(records: list[Record], fmt: str | None = None) -> tuple[list, NormaliseReport]:
+    """Validate records into PairExample / SingleExample; drop identical pairs and duplicates.
+
+    Raises DataError for the first bad record, naming its location and field.
+    """
+    if not records:
+        raise DataError("no records")
+    fmt = fmt or detect_format(records[0])
+    if fmt not in FORMATS:
+        raise DataError(f"unknown format '{fmt}'; choose one of {', '.join(FORMATS)}")
+    report = NormaliseReport(format=fmt, records=len(records))
+    examples, seen = [], set()
+    for record in records:
+        if fmt == "unpaired":
+            example = SingleExample(
+                _text_or_messages(record, "prompt"),
+                _text_or_messages(record, "completion"),
+                _label(record),
+                record.where,
+            )
+            key = _key(example.prompt, example.completion, example.label)
+        else:
+            example = _pair(record, fmt)
+            if _is_blank(example.chosen) or _is_blank(example.rejected):
+                report.empty_completions += 1
+                continue
+            if example.chosen == example.rejected:
+                report.identical_pairs += 1
+                continue
+            key = _key(example.prompt, example.chosen, example.rejected)
+        if key in seen:
+            report.duplicates += 1
+            continue
+        seen.add(key)
+        examples.append(example)
+    report.kept = len(examples)
+    if report.identical_pairs:
+        report.warnings.append(f"dropped {report.identical_pairs} pairs whose chosen and rejected are identical")
+    if report.duplicates:
+        report.warnings.append(f"dropped {report.duplicates} duplicate records")
+    if report.empty_completions:
+        report.warnings.append(f"dropped {report.empty_completions} pairs with an empty completion after the prompt")
+    if not examples:
+        raise DataError("no usable records remain after dropping identical, duplicate and empty ones")
+    return examples, report
+
+
+def pairs_to_singles(pairs: list[PairExample]) -> list[SingleExample]:
+    """Paired data for unpaired losses (KTO): each pair gives one desirable and one undesirable example."""
+    singles = []
+    for pair in pairs:
+        singles.append(SingleExample(pair.prompt, pair.chosen, True, pair.where))
+        singles.append(SingleExample(pair.prompt, pair.rejected, False, pair.where))
+    return singles

@@ -1,0 +1,72 @@
+"""`prefopt data inspect`: what a data file holds and what training would make of it."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from prefopt.data.dataset import load_examples
+from prefopt.data.formats import SingleExample
+from prefopt.data.tokenize import PreferenceTokenizer
+
+PERCENTILES = (50, 90, 99, 100)
+
+
+def _percentile(values: list[int], q: int) -> int:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, -(-q * len(ordered) // 100) - 1))]  # nearest-rank
+
+
+def inspect_data(
+    paths, tokenizer, max_length: int, max_prompt_length: int | None = None, fmt: str | None = None
+) -> dict:
+    """A JSON-able report: format, counts, token-length percentiles, truncation, balance."""
+    examples, report = load_examples(paths, fmt)
+    tokenizing = PreferenceTokenizer(tokenizer, max_length, max_prompt_length)
+    for index, example in enumerate(examples):
+        tokenizing.single(example, index) if isinstance(example, SingleExample) else tokenizing.pair(example, index)
+    tok = tokenizing.report
+    result = {
+        "files": [str(p) for p in (paths if isinstance(paths, (list, tuple)) else [paths])],
+        "format": report.format,
+        "records": report.records,
+        "usable": report.kept,
+        "identical_pairs": report.identical_pairs,
+        "duplicates": report.duplicates,
+        "empty_completions": report.empty_completions,
+        "max_length": max_length,
+        "max_prompt_length": max_prompt_length,
+        "truncated": tok.truncated,
+        "dropped_too_long": tok.dropped_too_long,
+        "fit": tok.kept,
+        "token_lengths": {
+            part: {f"p{q}": _percentile(values, q) for q in PERCENTILES} for part, values in tok.lengths.items()
+        },
+    }
+    if report.format == "unpaired":
+        labels = Counter(example.label for example in examples)
+        result["labels"] = {"desirable": labels[True], "undesirable": labels[False]}
+    return result
+
+
+def format_report(result: dict) -> str:
+    lines = [
+        f"files:            {', '.join(result['files'])}",
+        f"format:           {result['format']}",
+        f"records:          {result['records']}",
+        f"usable:           {result['usable']}  (dropped: {result['identical_pairs']} identical pairs, "
+        f"{result['duplicates']} duplicates, {result['empty_completions']} empty completions)",
+    ]
+    if "labels" in result:
+        labels = result["labels"]
+        lines.append(f"labels:           {labels['desirable']} desirable, {labels['undesirable']} undesirable")
+    budget = f"max_length={result['max_length']}"
+    if result["max_prompt_length"]:
+        budget += f", max_prompt_length={result['max_prompt_length']}"
+    lines.append(
+        f"at {budget}: {result['fit']} fit, {result['truncated']} truncated, "
+        f"{result['dropped_too_long']} dropped (prompt too long)"
+    )
+    lines.append("token lengths:    " + "  ".join(f"p{q:<3}" for q in PERCENTILES).replace("p100", "max "))
+    for part, stats in result["token_lengths"].items():
+        lines.append(f"  {part:<15} " + "  ".join(f"{v:<4}" for v in stats.values()))
+    return "\n".join(lines)

@@ -1,0 +1,176 @@
+"""Examples -> token ids with an exact prompt/completion boundary.
+
+- Text prompts are tokenized with the tokenizer's special tokens (BOS where it adds one);
+  completions are the tokens of prompt+completion after the prompt's tokens, so merges
+  across the boundary come out as at inference. When the prompt's tokens are not a prefix
+  of prompt+completion's (a merge across the boundary), the completion is tokenized on its
+  own instead and the case is counted: the mask stays exact either way.
+- Conversational prompts are rendered with the chat template and `add_generation_prompt=True`;
+  the completion is the rest of the rendering of prompt+completion. A template whose prompt
+  rendering is not a prefix of the full one (e.g. one that rewrites earlier turns) is counted
+  and handled the same way.
+- EOS ends every completion exactly once: a completion that already contains EOS (chat
+  templates close the assistant turn with it) is cut right after its last EOS; otherwise
+  EOS is appended.
+- Truncation: the prompt keeps its end (at most `max_prompt_length` tokens); completions are
+  cut at the end to fit `max_length`; an example whose prompt leaves no room is dropped.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from prefopt.data.files import DataError
+from prefopt.data.formats import PairExample, SingleExample, Text
+
+
+@dataclass
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    index: int  # position of the example in its list, for error messages
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+@dataclass
+class TokenizedSingle:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    label: bool
+    index: int
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+
+@dataclass
+class TokenizeReport:
+    examples: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    boundary_retokenized: int = 0
+    template_not_prefix: int = 0
+    # token counts before truncation, per part ("prompt", "chosen", "rejected" or "completion")
+    lengths: dict[str, list[int]] = field(default_factory=dict)
+
+    def note_length(self, part: str, n: int) -> None:
+        self.lengths.setdefault(part, []).append(n)
+
+
+class PreferenceTokenizer:
+    """Tokenizes examples for one tokenizer and one length budget, and keeps a report."""
+
+    def __init__(self, tokenizer, max_length: int, max_prompt_length: int | None = None):
+        if max_length < 2:
+            raise DataError(f"max_length must be at least 2, got {max_length}")
+        if tokenizer.eos_token_id is None:
+            raise DataError("the tokenizer has no EOS token; set tokenizer.eos_token")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.eos_id = tokenizer.eos_token_id
+        self.report = TokenizeReport()
+
+    # -- rendering ---------------------------------------------------------------------
+
+    def _render(self, prompt: Text, completion: Text | None) -> str:
+        if completion is None:
+            return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+
+    def _ids(self, text: str, special: bool) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def prompt_ids(self, prompt: Text) -> tuple[list[int], str]:
+        if isinstance(prompt, list):
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise DataError("conversational data needs a tokenizer with a chat template")
+            text = self._render(prompt, None)
+            return self._ids(text, special=False), text
+        return self._ids(prompt, special=True), prompt
+
+    def completion_ids(self, prompt: Text, prompt_text: str, prompt_ids: list[int], completion: Text) -> list[int]:
+        conversational = isinstance(prompt, list)
+        if conversational:
+            if isinstance(completion, str):  # a bare reply to a conversation is one assistant turn
+                completion = [{"role": "assistant", "content": completion}]
+            full_text = self._render(prompt, completion)
+        else:
+            full_text = prompt_text + completion
+        if not full_text.startswith(prompt_text):
+            self.report.template_not_prefix += 1
+            completion_text = full_text[len(os.path.commonprefix([prompt_text, full_text])) :]
+            ids = self._ids(completion_text, special=False)
+        else:
+            full_ids = self._ids(full_text, special=not conversational)
+            if full_ids[: len(prompt_ids)] == prompt_ids:
+                ids = full_ids[len(prompt_ids) :]
+            else:
+                self.report.boundary_retokenized += 1
+                ids = self._ids(full_text[len(prompt_text) :], special=False)
+        return self._end_with_one_eos(ids)
+
+    def _end_with_one_eos(self, ids: list[int]) -> list[int]:
+        if self.eos_id in ids:
+            last = len(ids) - 1 - ids[::-1].index(self.eos_id)
+            return ids[: last + 1]
+        return ids + [self.eos_id]
+
+    # -- truncation --------------------------------------------------------------------
+
+    def _fit(self, prompt: list[int], completions: list[list[int]]):
+        truncated = False
+        if self.max_prompt_length and len(prompt) > self.max_prompt_length:
+            prompt, truncated = prompt[-self.max_prompt_length :], True
+        budget = self.max_length - len(prompt)
+        if budget < 1:
+            self.report.dropped_too_long += 1
+            return None
+        if any(len(c) > budget for c in completions):
+            truncated = True
+        self.report.truncated += truncated
+        self.report.kept += 1
+        return prompt, [c[:budget] for c in completions]
+
+    # -- examples ----------------------------------------------------------------------
+
+    def pair(self, example: PairExample, index: int) -> TokenizedPair | None:
+        self.report.examples += 1
+        prompt_ids, prompt_text = self.prompt_ids(example.prompt)
+        chosen = self.completion_ids(example.prompt, prompt_text, prompt_ids, example.chosen)
+        rejected = self.completion_ids(example.prompt, prompt_text, prompt_ids, example.rejected)
+        for part, ids in (("prompt", prompt_ids), ("chosen", chosen), ("rejected", rejected)):
+            self.report.note_length(part, len(ids))
+        fitted = self._fit(prompt_ids, [chosen, rejected])
+        return None if fitted is None else TokenizedPair(fitted[0], *fitted[1], index=index)
+
+    def single(self, example: SingleExample, index: int) -> TokenizedSingle | None:
+        self.report.examples += 1
+        prompt_ids, prompt_text = self.prompt_ids(example.prompt)
+        completion = self.completion_ids(example.prompt, prompt_text, prompt_ids, example.completion)
+        self.report.note_length("prompt", len(prompt_ids))
+        self.report.note_length("completion", len(completion))
+        fitted = self._fit(prompt_ids, [completion])
+        return None if fitted is None else TokenizedSingle(fitted[0], fitted[1][0], example.label, index)
+
+    def all(self, examples: list) -> list:
+        """Tokenize every example; dropped ones are counted in the report, not returned."""
+        out = []
+        for index, example in enumerate(examples):
+            tokenized = self.pair(example, index) if isinstance(example, PairExample) else self.single(example, index)
+            if tokenized is not None:
+                out.append(tokenized)
+        if not out:
+            raise DataError(
+                f"no example fits max_length={self.max_length}"
+                + (f" with max_prompt_length={self.max_prompt_length}" if self.max_prompt_length else "")
+                + f": all {self.report.examples} were dropped; raise max_length or set max_prompt_length"
+            )
+        return out
