@@ -27,8 +27,9 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
     from prefopt.data.inspection import format_report, inspect_data
     from prefopt.hub import load_tokenizer
 
-    tokenizer = load_tokenizer(args.model)
-    result = inspect_data(args.files, tokenizer, args.max_length, args.max_prompt_length, args.format)
+    result = inspect_data(
+        args.files, lambda: load_tokenizer(args.model), args.max_length, args.max_prompt_length, args.format
+    )
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0
 

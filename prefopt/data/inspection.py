@@ -17,10 +17,15 @@ def _percentile(values: list[int], q: int) -> int:
 
 
 def inspect_data(
-    paths, tokenizer, max_length: int, max_prompt_length: int | None = None, fmt: str | None = None
+    paths, load_tokenizer, max_length: int, max_prompt_length: int | None = None, fmt: str | None = None
 ) -> dict:
-    """A JSON-able report: format, counts, token-length percentiles, truncation, balance."""
+    """A JSON-able report: format, counts, token-length percentiles, truncation, balance.
+
+    `load_tokenizer` is called only once the data has been read and validated, so a bad
+    file is reported at once, without waiting for a model to load.
+    """
     examples, report = load_examples(paths, fmt)
+    tokenizer = load_tokenizer()
     tokenizing = PreferenceTokenizer(tokenizer, max_length, max_prompt_length)
     for index, example in enumerate(examples):
         tokenizing.single(example, index) if isinstance(example, SingleExample) else tokenizing.pair(example, index)

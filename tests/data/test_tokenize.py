@@ -1,0 +1,119 @@
+"""Completion masks token by token, EOS exactly once, truncation and dropping, collation."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import byte_tokenizer
+
+from prefopt.data import DataError, PairExample, PreferenceCollator, PreferenceTokenizer, SingleExample, load_examples
+
+SAMPLES = Path(__file__).resolve().parents[2] / "data_samples"
+
+
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_standard_pair_with_byte_tokenizer_token_by_token():
+    tok = byte_tokenizer()
+    t = PreferenceTokenizer(tok, max_length=64)
+    pair = t.pair(PairExample("Q: 1+1?", " 2", " three", "x:1"), 0)
+    assert pair.prompt_ids == ids(tok, "Q: 1+1?")
+    assert pair.chosen_ids == ids(tok, " 2") + [tok.eos_token_id]
+    assert pair.rejected_ids == ids(tok, " three") + [tok.eos_token_id]
+
+
+def test_conversational_pair_with_byte_tokenizer():
+    tok = byte_tokenizer()
+    prompt = [{"role": "user", "content": "hi"}]
+    pair = PreferenceTokenizer(tok, 128).pair(
+        PairExample(prompt, [{"role": "assistant", "content": "hello"}], [{"role": "assistant", "content": "no"}], "x"),
+        0,
+    )
+    assert tok.decode(pair.prompt_ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    # this tokenizer's EOS is <|endoftext|>, not the template's <|im_end|>: appended once
+    assert tok.decode(pair.chosen_ids) == "hello<|im_end|>\n<|endoftext|>"
+    assert pair.chosen_ids.count(tok.eos_token_id) == 1
+
+
+def test_smollm2_conversational_masks_and_single_eos(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    (example, *_), _ = load_examples(SAMPLES / "conversational.jsonl")
+    t = PreferenceTokenizer(tok, 512)
+    pair = t.pair(example, 0)
+    full = tok.apply_chat_template(example.prompt + example.chosen, tokenize=False)
+    full_ids = tok(full, add_special_tokens=False)["input_ids"]
+    prompt_text = tok.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
+    assert pair.prompt_ids == tok(prompt_text, add_special_tokens=False)["input_ids"]
+    # prompt + chosen is exactly the template's rendering, minus the newline after <|im_end|> (EOS)
+    assert pair.prompt_ids + pair.chosen_ids == full_ids[: len(pair.prompt_ids) + len(pair.chosen_ids)]
+    assert tok.decode(pair.chosen_ids) == example.chosen[0]["content"] + "<|im_end|>"
+    assert pair.chosen_ids[-1] == tok.eos_token_id and pair.chosen_ids.count(tok.eos_token_id) == 1
+    assert t.report.template_not_prefix == 0 and t.report.boundary_retokenized == 0
+
+
+def test_smollm2_text_completion_already_ending_in_eos_gets_no_second_one(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    pair = PreferenceTokenizer(tok, 64).pair(PairExample("2+2?", " 4<|im_end|>", " 5", "x"), 0)
+    assert tok.decode(pair.chosen_ids) == " 4<|im_end|>"
+    assert pair.chosen_ids.count(tok.eos_token_id) == 1
+    assert tok.decode(pair.rejected_ids) == " 5<|im_end|>"
+
+
+def test_merge_across_the_boundary_keeps_the_mask_exact(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    t = PreferenceTokenizer(tok, 64)
+    pair = t.pair(PairExample("Hello", "world", "there", "x"), 0)
+    assert t.report.boundary_retokenized >= 1
+    assert pair.prompt_ids == tok("Hello")["input_ids"]
+    assert tok.decode(pair.chosen_ids) == "world<|im_end|>"
+
+
+def test_truncation_keeps_prompt_end_and_cuts_completions():
+    tok = byte_tokenizer()
+    t = PreferenceTokenizer(tok, max_length=10, max_prompt_length=4)
+    pair = t.pair(PairExample("abcdefgh", "0123456789", "xy", "x"), 0)
+    assert tok.decode(pair.prompt_ids) == "efgh"
+    assert tok.decode(pair.chosen_ids) == "012345"  # 10 - 4 tokens, EOS cut off
+    assert pair.rejected_ids == ids(tok, "xy") + [tok.eos_token_id]
+    assert t.report.truncated == 1
+
+
+def test_examples_that_cannot_fit_are_dropped_and_none_left_is_an_error():
+    tok = byte_tokenizer()
+    t = PreferenceTokenizer(tok, max_length=5)
+    kept = t.all([PairExample("abcdefgh", "a", "b", "x"), PairExample("ab", "c", "d", "y")])
+    assert len(kept) == 1 and kept[0].index == 1 and t.report.dropped_too_long == 1
+    with pytest.raises(DataError, match="no example fits max_length=5: all 1 were dropped"):
+        PreferenceTokenizer(tok, max_length=5).all([PairExample("abcdefgh", "a", "b", "x")])
+
+
+def test_paired_collation_rows_and_masks():
+    tok = byte_tokenizer()
+    t = PreferenceTokenizer(tok, 64)
+    pairs = [t.pair(PairExample("ab", "c", "dd", "x"), 0), t.pair(PairExample("abc", "eee", "f", "y"), 1)]
+    batch = PreferenceCollator(pad_id=tok.pad_token_id, max_length=64)(pairs)
+    assert batch.input_ids.shape == (4, 7)
+    assert batch.chosen_rows.tolist() == [0, 1] and batch.rejected_rows.tolist() == [2, 3]
+    assert batch.completion_mask[0].tolist() == [0, 0, 1, 1, 0, 0, 0]  # "ab" | "c" EOS | pad
+    assert batch.completion_mask[3].tolist() == [0, 0, 0, 1, 1, 0, 0]  # "abc" | "f" EOS
+    assert batch.attention_mask[1].tolist() == [1] * 7
+    assert batch.kl_rows.numel() == 0
+
+
+def test_unpaired_collation_with_mismatched_kl_pairs():
+    tok = byte_tokenizer()
+    t = PreferenceTokenizer(tok, 64)
+    singles = [
+        t.single(SingleExample("p1", "aa", True, "x"), 0),
+        t.single(SingleExample("p2", "b", False, "y"), 1),
+        t.single(SingleExample("p3", "ccc", True, "z"), 2),
+    ]
+    batch = PreferenceCollator(pad_id=tok.pad_token_id, max_length=64, with_kl_pairs=True)(singles)
+    assert batch.chosen_rows.tolist() == [0, 2] and batch.rejected_rows.tolist() == [1]
+    assert batch.kl_rows.tolist() == [3, 4, 5]
+    row = batch.input_ids[3][batch.attention_mask[3].bool()].tolist()
+    assert tok.decode(row) == "p1b<|endoftext|>"  # prompt 1 with completion 2
+    assert tok.decode(batch.input_ids[5][batch.completion_mask[5].bool()].tolist()) == "aa<|endoftext|>"
+    assert torch.equal(batch.example_indices and torch.tensor(batch.example_indices), torch.tensor([0, 1, 2]))
