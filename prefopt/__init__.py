@@ -16,7 +16,7 @@ def __getattr__(name):
 
         return TrainConfig
     if name in ("train", "TrainResult"):
-        from prefopt import trainer
+        from prefopt import run
 
-        return getattr(trainer, name)
+        return getattr(run, name)
     raise AttributeError(f"module 'prefopt' has no attribute {name!r}")

@@ -34,6 +34,53 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_loss_arg(text: str) -> tuple[str, object]:
+    import yaml
+
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got '{text}'")
+    return name.strip(), yaml.safe_load(value)  # 0.1 -> float, true -> bool, null -> None
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (hyphenated); only flags given on the command line override."""
+    from prefopt.config import FIELDS, field_type
+
+    parser.add_argument("--config", help="YAML recipe; its keys are TrainConfig fields")
+    for name, spec in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        kind = field_type(name)
+        help_text = spec.metadata.get("help", "")
+        if name == "loss_args":
+            parser.add_argument(
+                "--loss-arg",
+                dest="loss_args",
+                action="append",
+                type=_parse_loss_arg,
+                default=argparse.SUPPRESS,
+                metavar="NAME=VALUE",
+                help="loss hyperparameter (repeatable)",
+            )
+        elif kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif kind is list:
+            parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from prefopt.config import build_config, load_yaml
+    from prefopt.run import train
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config")}
+    if "loss_args" in overrides:
+        overrides["loss_args"] = dict(overrides["loss_args"])
+    train(build_config(load_yaml(args.config) if args.config else {}, overrides))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefopt", description="Offline preference optimization for causal LMs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -41,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     losses = commands.add_parser("losses", help="list registered losses, their hyperparameters and needs")
     losses.add_argument("--loss-module", action="append", default=[], help="import this module first (custom losses)")
     losses.set_defaults(run=_cmd_losses)
+
+    train = commands.add_parser(
+        "train", help="train a model on preference data", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    _add_train_options(train)
+    train.set_defaults(run=_cmd_train)
 
     data = commands.add_parser("data", help="look at preference data").add_subparsers(
         dest="data_command", required=True
@@ -59,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        for module in getattr(args, "loss_module", None) or []:
+        for module in getattr(args, "loss_module", None) or []:  # before any loss name is looked up
             from prefopt.plugins import import_loss_module
 
             import_loss_module(module)

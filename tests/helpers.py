@@ -44,3 +44,10 @@ def tiny_llama(seed: int = 0, vocab_size: int = 259) -> LlamaForCausalLM:
         eos_token_id=0,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def save_tiny_model(folder, seed: int = 0) -> str:
+    """A tiny random Llama with the byte tokenizer, saved as a local model folder."""
+    tiny_llama(seed).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return str(folder)

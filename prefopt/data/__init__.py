@@ -4,7 +4,12 @@ from prefopt.data.collate import PreferenceCollator, SequenceBatch
 from prefopt.data.dataset import load_examples, split_held_out
 from prefopt.data.files import DataError, Record, read_records
 from prefopt.data.formats import FORMATS, PairExample, SingleExample, detect_format, normalise, pairs_to_singles
-from prefopt.data.tokenize import PreferenceTokenizer, TokenizedPair, TokenizedSingle
+from prefopt.data.tokenize import (
+    PreferenceTokenizer,
+    TokenizedPair,
+    TokenizedSingle,
+    attach_mismatched_completions,
+)
 
 __all__ = [
     "FORMATS",
@@ -17,6 +22,7 @@ __all__ = [
     "SingleExample",
     "TokenizedPair",
     "TokenizedSingle",
+    "attach_mismatched_completions",
     "detect_format",
     "load_examples",
     "normalise",

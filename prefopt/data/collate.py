@@ -26,6 +26,7 @@ class SequenceBatch:
     rejected_rows: torch.Tensor  # (Br,)
     kl_rows: torch.Tensor  # (Bk,), empty unless mismatched pairs were asked for
     example_indices: list[int] = field(default_factory=list)
+    paired: bool = True
 
     @property
     def num_tokens(self) -> int:
@@ -54,7 +55,6 @@ class PreferenceCollator:
     """Collates TokenizedPair or TokenizedSingle lists; picklable for DataLoader workers."""
 
     pad_id: int
-    max_length: int
     with_kl_pairs: bool = False
 
     def __call__(self, examples: list) -> SequenceBatch:
@@ -63,23 +63,17 @@ class PreferenceCollator:
             sequences += [(e.prompt_ids, e.rejected_ids) for e in examples]
             n = len(examples)
             chosen, rejected = list(range(n)), list(range(n, 2 * n))
-            prompts = [e.prompt_ids for e in examples]
-            completions = [e.chosen_ids for e in examples]
         else:
             assert isinstance(examples[0], TokenizedSingle)
             sequences = [(e.prompt_ids, e.completion_ids) for e in examples]
             chosen = [i for i, e in enumerate(examples) if e.label]
             rejected = [i for i, e in enumerate(examples) if not e.label]
-            prompts = [e.prompt_ids for e in examples]
-            completions = [e.completion_ids for e in examples]
         kl = []
         if self.with_kl_pairs:
-            # As the KTO authors and TRL do: prompt i with the completion of example i+1 (mod n).
-            start = len(sequences)
-            for i, prompt in enumerate(prompts):
-                other = completions[(i + 1) % len(completions)]
-                sequences.append((prompt, other[: max(1, self.max_length - len(prompt))]))
-                kl.append(start + i)
+            if not isinstance(examples[0], TokenizedSingle) or examples[0].kl_completion_ids is None:
+                raise ValueError("mismatched pairs need unpaired examples with attach_mismatched_completions applied")
+            kl = list(range(len(sequences), len(sequences) + len(examples)))
+            sequences += [(e.prompt_ids, e.kl_completion_ids) for e in examples]
         input_ids, attention, completion = _pad(sequences, self.pad_id)
         as_index = lambda rows: torch.tensor(rows, dtype=torch.long)  # noqa: E731
         return SequenceBatch(
@@ -90,4 +84,5 @@ class PreferenceCollator:
             rejected_rows=as_index(rejected),
             kl_rows=as_index(kl),
             example_indices=[e.index for e in examples],
+            paired=isinstance(examples[0], TokenizedPair),
         )

@@ -30,7 +30,8 @@ class TokenizedPair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
-    index: int  # position of the example in its list, for error messages
+    index: int  # position in the tokenized dataset (keys the reference cache)
+    where: str = ""  # source location, for messages
 
     @property
     def length(self) -> int:
@@ -43,6 +44,9 @@ class TokenizedSingle:
     completion_ids: list[int]
     label: bool
     index: int
+    where: str = ""
+    # KTO's mismatched completion (another example's), set by attach_mismatched_completions
+    kl_completion_ids: list[int] | None = None
 
     @property
     def length(self) -> int:
@@ -149,7 +153,7 @@ class PreferenceTokenizer:
         for part, ids in (("prompt", prompt_ids), ("chosen", chosen), ("rejected", rejected)):
             self.report.note_length(part, len(ids))
         fitted = self._fit(prompt_ids, [chosen, rejected])
-        return None if fitted is None else TokenizedPair(fitted[0], *fitted[1], index=index)
+        return None if fitted is None else TokenizedPair(fitted[0], *fitted[1], index=index, where=example.where)
 
     def single(self, example: SingleExample, index: int) -> TokenizedSingle | None:
         self.report.examples += 1
@@ -158,7 +162,7 @@ class PreferenceTokenizer:
         self.report.note_length("prompt", len(prompt_ids))
         self.report.note_length("completion", len(completion))
         fitted = self._fit(prompt_ids, [completion])
-        return None if fitted is None else TokenizedSingle(fitted[0], fitted[1][0], example.label, index)
+        return None if fitted is None else TokenizedSingle(fitted[0], fitted[1][0], example.label, index, example.where)
 
     def all(self, examples: list) -> list:
         """Tokenize every example; dropped ones are counted in the report, not returned."""
@@ -166,6 +170,7 @@ class PreferenceTokenizer:
         for index, example in enumerate(examples):
             tokenized = self.pair(example, index) if isinstance(example, PairExample) else self.single(example, index)
             if tokenized is not None:
+                tokenized.index = len(out)
                 out.append(tokenized)
         if not out:
             raise DataError(
@@ -174,3 +179,16 @@ class PreferenceTokenizer:
                 + f": all {self.report.examples} were dropped; raise max_length or set max_prompt_length"
             )
         return out
+
+
+def attach_mismatched_completions(singles: list[TokenizedSingle], max_length: int) -> None:
+    """Give example i the completion of example i + n//2 (mod n) for KTO's reference point.
+
+    Fixed per example (as TRL pairs at dataset level), so reference values can be cached.
+    The offset n//2 keeps the two halves of a pair (adjacent after `pairs_to_singles`) apart.
+    """
+    n = len(singles)
+    shift = max(1, n // 2)
+    for i, single in enumerate(singles):
+        other = singles[(i + shift) % n].completion_ids
+        single.kl_completion_ids = other[: max(1, max_length - len(single.prompt_ids))]

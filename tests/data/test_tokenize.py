@@ -3,10 +3,18 @@
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import byte_tokenizer
 
-from prefopt.data import DataError, PairExample, PreferenceCollator, PreferenceTokenizer, SingleExample, load_examples
+from prefopt.data import (
+    DataError,
+    PairExample,
+    PreferenceCollator,
+    PreferenceTokenizer,
+    SingleExample,
+    attach_mismatched_completions,
+    load_examples,
+    pairs_to_singles,
+)
 
 SAMPLES = Path(__file__).resolve().parents[2] / "data_samples"
 
@@ -84,7 +92,7 @@ def test_examples_that_cannot_fit_are_dropped_and_none_left_is_an_error():
     tok = byte_tokenizer()
     t = PreferenceTokenizer(tok, max_length=5)
     kept = t.all([PairExample("abcdefgh", "a", "b", "x"), PairExample("ab", "c", "d", "y")])
-    assert len(kept) == 1 and kept[0].index == 1 and t.report.dropped_too_long == 1
+    assert len(kept) == 1 and kept[0].where == "y" and kept[0].index == 0 and t.report.dropped_too_long == 1
     with pytest.raises(DataError, match="no example fits max_length=5: all 1 were dropped"):
         PreferenceTokenizer(tok, max_length=5).all([PairExample("abcdefgh", "a", "b", "x")])
 
@@ -93,7 +101,7 @@ def test_paired_collation_rows_and_masks():
     tok = byte_tokenizer()
     t = PreferenceTokenizer(tok, 64)
     pairs = [t.pair(PairExample("ab", "c", "dd", "x"), 0), t.pair(PairExample("abc", "eee", "f", "y"), 1)]
-    batch = PreferenceCollator(pad_id=tok.pad_token_id, max_length=64)(pairs)
+    batch = PreferenceCollator(pad_id=tok.pad_token_id)(pairs)
     assert batch.input_ids.shape == (4, 7)
     assert batch.chosen_rows.tolist() == [0, 1] and batch.rejected_rows.tolist() == [2, 3]
     assert batch.completion_mask[0].tolist() == [0, 0, 1, 1, 0, 0, 0]  # "ab" | "c" EOS | pad
@@ -110,10 +118,22 @@ def test_unpaired_collation_with_mismatched_kl_pairs():
         t.single(SingleExample("p2", "b", False, "y"), 1),
         t.single(SingleExample("p3", "ccc", True, "z"), 2),
     ]
-    batch = PreferenceCollator(pad_id=tok.pad_token_id, max_length=64, with_kl_pairs=True)(singles)
+    attach_mismatched_completions(singles, max_length=64)  # n = 3: example i gets completion i + 1 (mod 3)
+    batch = PreferenceCollator(pad_id=tok.pad_token_id, with_kl_pairs=True)(singles)
     assert batch.chosen_rows.tolist() == [0, 2] and batch.rejected_rows.tolist() == [1]
-    assert batch.kl_rows.tolist() == [3, 4, 5]
+    assert batch.kl_rows.tolist() == [3, 4, 5] and not batch.paired
     row = batch.input_ids[3][batch.attention_mask[3].bool()].tolist()
     assert tok.decode(row) == "p1b<|endoftext|>"  # prompt 1 with completion 2
     assert tok.decode(batch.input_ids[5][batch.completion_mask[5].bool()].tolist()) == "aa<|endoftext|>"
-    assert torch.equal(batch.example_indices and torch.tensor(batch.example_indices), torch.tensor([0, 1, 2]))
+    assert batch.example_indices == [0, 1, 2]
+
+
+def test_mismatched_completions_skip_the_other_half_of_a_pair():
+    """pairs_to_singles puts a pair's two halves next to each other; the n//2 offset keeps them apart."""
+    tok = byte_tokenizer()
+    t = PreferenceTokenizer(tok, 64)
+    singles = t.all(pairs_to_singles([PairExample(f"p{i}", f"good{i}", f"bad{i}", "x") for i in range(3)]))
+    attach_mismatched_completions(singles, max_length=64)
+    for single in singles:
+        own_pair = [s.completion_ids for s in singles if s.prompt_ids == single.prompt_ids]
+        assert single.kl_completion_ids not in own_pair

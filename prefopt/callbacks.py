@@ -1,0 +1,55 @@
+"""What a run shows and writes while it trains: metrics.jsonl and a short console line per log."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+# Shown on the console line, in this order, when present.
+_CONSOLE_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "grad_norm", "learning_rate", "tokens_per_s")
+
+
+def _plain(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible
+    return value
+
+
+class MetricsFile(TrainerCallback):
+    """Appends one JSON object per log to OUTPUT_DIR/metrics.jsonl (training and eval logs)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, **{k: _plain(v) for k, v in logs.items()}}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class ConsoleProgress(ProgressCallback):
+    """transformers' progress bar (with ETA), but a short line per log instead of a dict."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or self.training_bar is None:
+            return
+        if "loss" in logs:
+            parts = [f"step {state.global_step}/{state.max_steps}"]
+            for key in _CONSOLE_KEYS:
+                if key in logs:
+                    value = logs[key]
+                    parts.append(f"{key.split('/')[-1]} {value:.3g}" if isinstance(value, float) else f"{key} {value}")
+            self.training_bar.write("  ".join(parts))
+        elif any(k.startswith("eval_") for k in logs):
+            shown = {
+                k: v for k, v in logs.items() if k in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
+            }
+            self.training_bar.write(
+                f"eval @ step {state.global_step}: " + "  ".join(f"{k} {v:.4g}" for k, v in shown.items())
+            )

@@ -1,0 +1,137 @@
+"""Model outputs -> per-sequence completion log-probs, lengths and token-level KL.
+
+Memory: the B x T x V logits tensor is never built. The model runs once with
+`output_hidden_states=True, logits_to_keep=1` (through its own forward, so DDP/FSDP and
+PEFT wrappers see a normal call); the output head is then applied only at completion
+positions, in chunks of `chunk_size` tokens, each under activation checkpointing, so at
+most one chunk of logits (chunk_size x V) is alive at a time, in forward and in backward.
+
+TDPO's KL(pi_ref(.|x,y<t) || pi_theta(.|x,y<t)) is computed in the same chunks from the
+reference's hidden states at the same positions (full vocabulary), then summed per sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class CompletionStates:
+    """Final hidden states at the positions that predict completion tokens."""
+
+    hidden: torch.Tensor  # (K, H)
+    targets: torch.Tensor  # (K,) the completion token each position predicts
+    rows: torch.Tensor  # (K,) which sequence each position belongs to
+    num_rows: int
+
+
+def output_head(model) -> torch.nn.Module:
+    """The LM head of a (possibly PEFT- or DDP-wrapped) causal LM."""
+    inner = getattr(model, "module", model)  # DDP / DataParallel
+    if hasattr(inner, "get_base_model"):  # PEFT
+        inner = inner.get_base_model()
+    return inner.get_output_embeddings()
+
+
+def completion_states(model, input_ids, attention_mask, completion_mask, use_logits: bool = False) -> CompletionStates:
+    """One forward pass; keep the final hidden states where the next token is a completion token.
+
+    use_logits=True keeps the model's own logits instead (for heads that are not a plain
+    projection of the last hidden state); score them with `torch.nn.Identity()` as the head.
+    """
+    if use_logits:
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    else:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=True,
+            logits_to_keep=1,
+            use_cache=False,
+        )
+        hidden = out.hidden_states[-1]
+    predicts_completion = completion_mask[:, 1:].bool()  # position t predicts token t+1
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(predicts_completion)
+    return CompletionStates(
+        hidden=hidden[:, :-1][predicts_completion],
+        targets=input_ids[:, 1:][predicts_completion],
+        rows=rows[predicts_completion],
+        num_rows=input_ids.shape[0],
+    )
+
+
+def head_matches_model(model, vocab_probe: torch.Tensor) -> bool:
+    """True when logits == head(hidden_states[-1]) for this architecture (no soft-capping or scaling).
+
+    Checked once on a few tokens; when False, the trainer falls back to the model's full logits.
+    """
+    with torch.no_grad():
+        mask = torch.ones_like(vocab_probe)
+        out = model(input_ids=vocab_probe, attention_mask=mask, output_hidden_states=True, use_cache=False)
+        from_head = output_head(model)(out.hidden_states[-1])
+        return torch.allclose(from_head.float(), out.logits.float(), atol=1e-4, rtol=1e-4)
+
+
+def _chunk_scores(head_weight_owner, hidden, targets, ref_hidden, ref_head):
+    logits = head_weight_owner(hidden).float()
+    logprobs = F.log_softmax(logits, dim=-1)
+    token_logps = logprobs.gather(-1, targets[:, None]).squeeze(-1)
+    if ref_hidden is None:
+        return token_logps, torch.zeros_like(token_logps)
+    with torch.no_grad():
+        ref_logprobs = F.log_softmax(ref_head(ref_hidden).float(), dim=-1)
+    # KL(ref || policy) = sum_v p_ref * (log p_ref - log p_policy)
+    kl = (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1)
+    return token_logps, kl
+
+
+def score_completions(
+    head: torch.nn.Module,
+    states: CompletionStates,
+    chunk_size: int = 1024,
+    ref_head: torch.nn.Module | None = None,
+    ref_states: CompletionStates | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(summed logps (N,), lengths (N,), summed token KL (N,) or None) per sequence."""
+    want_kl = ref_states is not None
+    pieces_logp, pieces_kl = [], []
+    grad = torch.is_grad_enabled() and states.hidden.requires_grad
+    for start in range(0, states.hidden.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        args = (head, states.hidden[sl], states.targets[sl], ref_states.hidden[sl] if want_kl else None, ref_head)
+        if grad:
+            # Recompute this chunk's logits in backward instead of keeping them.
+            logp, kl = checkpoint(_chunk_scores, *args, use_reentrant=False)
+        else:
+            logp, kl = _chunk_scores(*args)
+        pieces_logp.append(logp)
+        pieces_kl.append(kl)
+    device = states.hidden.device
+    token_logps = torch.cat(pieces_logp) if pieces_logp else torch.zeros(0, device=device)
+    logps = torch.zeros(states.num_rows, device=device, dtype=torch.float32).index_add(0, states.rows, token_logps)
+    lengths = torch.zeros(states.num_rows, device=device, dtype=torch.float32).index_add(
+        0, states.rows, torch.ones_like(token_logps)
+    )
+    kl = None
+    if want_kl:
+        token_kl = torch.cat(pieces_kl) if pieces_kl else torch.zeros(0, device=device)
+        kl = torch.zeros(states.num_rows, device=device, dtype=torch.float32).index_add(0, states.rows, token_kl)
+    return logps, lengths, kl
+
+
+def full_logits_scores(model, input_ids, attention_mask, completion_mask, ref_logits=None):
+    """Plain path (all logits materialised): the fallback for heads we cannot split off, and the
+    reference the tests compare the chunked path against. Returns logps, lengths, kl, logits."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+    logprobs = F.log_softmax(logits, dim=-1)
+    mask = completion_mask[:, 1:].float()
+    token_logps = logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    kl = None
+    if ref_logits is not None:
+        ref_logprobs = F.log_softmax(ref_logits.float(), dim=-1)
+        kl = ((ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1) * mask).sum(-1)
+    return (token_logps * mask).sum(-1), mask.sum(-1), kl, logits

@@ -1,0 +1,76 @@
+"""Load the policy (full, LoRA, or 4-bit QLoRA) and, when a loss needs one, its reference."""
+
+from __future__ import annotations
+
+import torch
+
+from prefopt.config import ConfigError, TrainConfig
+from prefopt.hub import load_tokenizer, resolve_model
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in _DTYPES:
+        raise ConfigError(f"dtype must be auto, {', '.join(_DTYPES)}; got '{name}'")
+    return _DTYPES[name]
+
+
+def _load_causal_lm(config: TrainConfig, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}
+    if config.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    location = resolve_model(config.model)
+    try:
+        return AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except OSError as error:
+        raise ConfigError(f"cannot load model '{config.model}': {str(error).splitlines()[0]}") from None
+
+
+def _lora_config(config: TrainConfig):
+    from peft import LoraConfig
+
+    targets = config.lora_target_modules
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_policy(config: TrainConfig):
+    """(model, tokenizer). With LoRA the model is a PEFT model whose base weights are frozen."""
+    dtype = resolve_dtype(config.dtype)
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    model = _load_causal_lm(config, dtype)
+    model.config.use_cache = False
+    if config.lora:
+        from peft import get_peft_model, prepare_model_for_kbit_training
+
+        if config.load_in_4bit:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+        model = get_peft_model(model, _lora_config(config))
+    return model, tokenizer
+
+
+def load_reference_copy(config: TrainConfig):
+    """A second, frozen copy of the base model (4-bit too when the policy is)."""
+    model = _load_causal_lm(config, resolve_dtype(config.dtype))
+    model.eval()
+    model.requires_grad_(False)
+    return model

@@ -1,0 +1,118 @@
+"""Reference log-probs: a frozen copy, the policy with its adapter disabled, or a disk cache.
+
+Each provider returns, for one batch, the reference's summed completion log-prob per row
+and, when the loss needs token-level KL, the reference's hidden states at the completion
+positions with its output head. The trainer picks the provider from the loss's declared
+needs and the config (`auto` = cheapest correct one), never from the loss's name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from prefopt.config import ConfigError
+from prefopt.data.collate import SequenceBatch
+from prefopt.logps import CompletionStates, completion_states, output_head, score_completions
+
+CACHE_VERSION = "1"
+
+
+class ModelReference:
+    """Reference computed online by a model: a frozen copy, or the policy with adapters off."""
+
+    def __init__(self, model=None, disable_adapter: bool = False, chunk_size: int = 1024):
+        self.model = model
+        self.disable_adapter = disable_adapter
+        self.chunk_size = chunk_size
+
+    @torch.no_grad()
+    def __call__(self, policy, batch: SequenceBatch, keep_states: bool):
+        model = policy if self.disable_adapter else self.model
+        was_training = model.training
+        model.eval()  # no dropout in the reference
+        try:
+            if self.disable_adapter:
+                with policy.disable_adapter():
+                    states = completion_states(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+            else:
+                states = completion_states(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+        finally:
+            model.train(was_training)
+        head = output_head(model)
+        logps, _, _ = score_completions(head, states, self.chunk_size)
+        return logps, (states if keep_states else None), head
+
+
+def _row_keys(batch: SequenceBatch) -> list[tuple[int, str]]:
+    """(example index, slot) of every row, following the collator's layout."""
+    keys: list = [None] * batch.input_ids.shape[0]
+    n = len(batch.example_indices)
+    if batch.paired:
+        for j, example in enumerate(batch.example_indices):
+            keys[j], keys[n + j] = (example, "chosen"), (example, "rejected")
+    else:
+        for j, example in enumerate(batch.example_indices):
+            keys[j] = (example, "completion")
+    for j, row in enumerate(batch.kl_rows.tolist()):
+        keys[row] = (batch.example_indices[j], "kl")
+    return keys
+
+
+class CachedReference:
+    """Reference log-probs computed once before training and stored on disk.
+
+    The file name is a hash of the reference weights, the tokenized data and the layout,
+    so a later run with the same model and data reuses it, and any change makes a new one.
+    """
+
+    def __init__(self, values: dict[str, torch.Tensor], path: Path, reused: bool):
+        self.values = values
+        self.path = path
+        self.reused = reused
+
+    def __call__(self, policy, batch: SequenceBatch, keep_states: bool):
+        if keep_states:
+            raise ConfigError("the cached reference has no token distributions (needed for token-level KL)")
+        rows = [self.values[slot][example] for example, slot in _row_keys(batch)]
+        return torch.stack(rows).to(batch.input_ids.device), None, None
+
+    @staticmethod
+    def fingerprint(model, examples: list, extra: str) -> str:
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(f"prefopt-reference-cache:{CACHE_VERSION}:{extra}".encode())
+        for name, tensor in sorted(model.state_dict().items()):
+            if "lora_" in name:  # a fresh adapter is a no-op (B = 0): the reference is the base
+                continue
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        for example in examples:
+            digest.update(repr(sorted(vars(example).items())).encode())
+        return digest.hexdigest()
+
+    @classmethod
+    def build(cls, model, examples: list, collator, cache_dir: Path, extra: str, batch_size: int, device):
+        """Load the cache for (model, examples) or compute it with `model` (no gradients) and save it."""
+        key = cls.fingerprint(model, examples, extra)
+        path = Path(cache_dir) / f"{key}.safetensors"
+        if path.exists():
+            return cls(load_file(str(path)), path, reused=True)
+        online = ModelReference(model)
+        slots: dict[str, torch.Tensor] = {}
+        for start in range(0, len(examples), batch_size):
+            batch = collator(examples[start : start + batch_size]).to(device)
+            logps, _, _ = online(model, batch, keep_states=False)
+            for (example, slot), value in zip(_row_keys(batch), logps.cpu(), strict=True):
+                slots.setdefault(slot, torch.full((len(examples),), float("nan")))[example] = value
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_suffix(f".tmp{os.getpid()}")
+        save_file(slots, str(staging))
+        os.replace(staging, path)  # atomic: a killed run never leaves a half-written cache
+        return cls(slots, path, reused=False)
+
+
+__all__ = ["CachedReference", "CompletionStates", "ModelReference"]

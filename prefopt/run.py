@@ -1,0 +1,255 @@
+"""`train(config)`: from a TrainConfig to a finished run in OUTPUT_DIR.
+
+Order matters for the user: configuration, loss and output folder are checked first,
+then the data is read and validated, and only then are models loaded. So mistakes are
+reported in seconds, not after a model load.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from prefopt.config import ConfigError, TrainConfig
+from prefopt.data import (
+    PreferenceCollator,
+    PreferenceTokenizer,
+    SingleExample,
+    attach_mismatched_completions,
+    load_examples,
+    pairs_to_singles,
+    split_held_out,
+)
+from prefopt.errors import PrefoptError
+from prefopt.hub import cache_root
+from prefopt.losses import LossSpec, get_loss, get_loss_spec
+from prefopt.outputs import prepare_output_dir
+from prefopt.plugins import import_loss_module
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_dir: Path
+    steps: int
+    metrics: dict  # the last training log
+    eval_before: dict = field(default_factory=dict)
+    eval_after: dict = field(default_factory=dict)
+    reference: str = ""
+    summary: dict = field(default_factory=dict)
+
+
+def choose_reference(spec: LossSpec, config: TrainConfig) -> str:
+    """The reference mode that serves this loss: from its declared needs and the config."""
+    mode = config.reference
+    if not spec.needs_reference:
+        return "none"
+    if mode == "none":
+        raise ConfigError(f"loss '{spec.name}' needs a reference model; reference=none cannot serve it")
+    if mode == "auto":
+        return "adapter" if config.lora else "copy"
+    if mode == "adapter" and not config.lora:
+        raise ConfigError("reference=adapter needs --lora (the reference is the model with its adapter disabled)")
+    if mode == "cached" and spec.needs_token_kl:
+        raise ConfigError(
+            f"reference=cached cannot serve loss '{spec.name}': it needs the token-level KL over the full "
+            "vocabulary at every step, which needs the reference's distributions, not cached log-probs; "
+            "use reference=copy or reference=adapter"
+        )
+    return mode
+
+
+def _prepare_examples(config: TrainConfig, spec: LossSpec):
+    train_examples, report = load_examples(config.data, config.format)
+    for warning in report.warnings:
+        print(f"prefopt: data: {warning}")
+    eval_examples = []
+    if config.eval_data:
+        eval_examples, eval_report = load_examples(config.eval_data, config.format)
+    elif config.eval_fraction > 0:
+        train_examples, eval_examples = split_held_out(train_examples, config.eval_fraction, config.seed)
+    unpaired = isinstance(train_examples[0], SingleExample)
+    if spec.paired and unpaired:
+        raise PrefoptError(
+            f"loss '{spec.name}' needs paired data (prompt/chosen/rejected); {', '.join(config.data)} is unpaired"
+        )
+    if not spec.paired and not unpaired:
+        train_examples, eval_examples = pairs_to_singles(train_examples), pairs_to_singles(eval_examples)
+    return train_examples, eval_examples, report
+
+
+def _tokenize(examples: list, tokenizer, config: TrainConfig, spec: LossSpec, label: str) -> list:
+    tokenizing = PreferenceTokenizer(tokenizer, config.max_length, config.max_prompt_length)
+    items = tokenizing.all(examples)
+    rep = tokenizing.report
+    if rep.truncated or rep.dropped_too_long:
+        print(
+            f"prefopt: {label}: {rep.truncated} truncated, {rep.dropped_too_long} dropped (max_length {config.max_length})"
+        )
+    if spec.needs_kl_pairs:
+        attach_mismatched_completions(items, config.max_length)
+    return items
+
+
+def _training_arguments(config: TrainConfig, has_eval: bool):
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    autocast_bf16 = cuda and config.dtype == "auto" and torch.cuda.is_bf16_supported()
+    return TrainingArguments(
+        output_dir=config.output_dir,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps,
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        eval_strategy="steps" if has_eval and config.eval_steps else "no",
+        eval_steps=config.eval_steps,
+        seed=config.seed,
+        gradient_checkpointing=config.gradient_checkpointing,
+        bf16=autocast_bf16,
+        use_cpu=not cuda,
+        report_to=config.report_to or "none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+
+
+def _load_reference(mode: str, config: TrainConfig, model, items, collator, extra_key: str):
+    from prefopt.model import load_reference_copy
+    from prefopt.reference import CachedReference, ModelReference
+
+    if mode == "none":
+        return None
+    if mode == "copy":
+        return ModelReference(load_reference_copy(config), chunk_size=config.chunk_size)
+    if mode == "adapter":
+        return ModelReference(disable_adapter=True, chunk_size=config.chunk_size)
+    device = next(model.parameters()).device
+    # Before training the policy is the reference (full weights, or LoRA with B = 0).
+    return CachedReference.build(
+        model, items, collator, cache_root() / "reference", extra_key, config.batch_size, device
+    )
+
+
+def train(config: TrainConfig) -> TrainResult:
+    from transformers import set_seed
+
+    from prefopt.callbacks import ConsoleProgress, MetricsFile
+    from prefopt.logps import head_matches_model
+    from prefopt.model import load_policy
+    from prefopt.trainer import DictCollator, ListDataset, PreferenceTrainer
+
+    for module in config.loss_module:
+        import_loss_module(module)
+    spec = get_loss_spec(config.loss)
+    loss_args = spec.resolve(config.loss_args)
+    if not config.data:
+        raise ConfigError("no training data: pass --data FILE (or `data:` in the YAML)")
+    reference_mode = choose_reference(spec, config)
+    output_dir = prepare_output_dir(config.output_dir, config.resume, config.overwrite)
+    if not config.resume:
+        config.save(output_dir / "config.yaml")
+
+    set_seed(config.seed)
+    train_examples, eval_examples, _ = _prepare_examples(config, spec)
+    model, tokenizer = load_policy(config)
+    train_items = _tokenize(train_examples, tokenizer, config, spec, "train")
+    eval_items = _tokenize(eval_examples, tokenizer, config, spec, "eval") if eval_examples else []
+    for item in eval_items:  # one index space for both splits: it keys the reference cache
+        item.index += len(train_items)
+    collator = PreferenceCollator(tokenizer.pad_token_id, with_kl_pairs=spec.needs_kl_pairs)
+
+    probe = torch.tensor([tokenizer("probe")["input_ids"][:4] or [tokenizer.eos_token_id]])
+    use_logits = not head_matches_model(model, probe.to(next(model.parameters()).device))
+    extra_key = f"{config.model}|{config.dtype}|{config.load_in_4bit}|{config.lora}"
+    reference = _load_reference(reference_mode, config, model, train_items + eval_items, collator, extra_key)
+    if getattr(reference, "path", None):
+        print(f"prefopt: reference log-probs {'reused from' if reference.reused else 'cached in'} {reference.path}")
+
+    trainer = PreferenceTrainer(
+        model=model,
+        args=_training_arguments(config, bool(eval_items)),
+        train_dataset=ListDataset(train_items),
+        eval_dataset=ListDataset(eval_items) if eval_items else None,
+        data_collator=DictCollator(collator),
+        processing_class=tokenizer,
+        loss_fn=get_loss(config.loss),
+        loss_args=loss_args,
+        reference=reference,
+        chunk_size=config.chunk_size,
+        use_logits=use_logits,
+        group_by_length=config.group_by_length,
+    )
+    trainer.remove_callback(
+        next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "ProgressCallback")
+    )
+    trainer.add_callback(ConsoleProgress())
+    trainer.add_callback(MetricsFile(output_dir / "metrics.jsonl"))
+
+    eval_before = trainer.evaluate(metric_key_prefix="eval_before") if eval_items and not config.resume else {}
+    trainer.start_clock()
+    started = time.time()
+    trainer.train(resume_from_checkpoint=True if config.resume else None)
+    seconds = time.time() - started
+    eval_after = trainer.evaluate() if eval_items else {}
+
+    final_dir = output_dir / "final"
+    trainer.save_model(str(final_dir))
+    tokenizer.save_pretrained(str(final_dir))
+    (final_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.yaml holds the settings
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    last = logs[-1] if logs else {}
+    summary = {
+        "steps": trainer.state.global_step,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": last.get("tokens_per_s"),
+        "final_loss": last.get("loss"),
+        "reward_accuracy": last.get("rewards/accuracies"),
+        "reward_margin": last.get("rewards/margins"),
+        "reference": reference_mode,
+        "eval_before": eval_before,
+        "eval_after": eval_after,
+    }
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _print_summary(summary, final_dir)
+    return TrainResult(
+        output_dir, final_dir, trainer.state.global_step, last, eval_before, eval_after, reference_mode, summary
+    )
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _print_summary(summary: dict, final_dir: Path) -> None:
+    print(
+        f"prefopt: done: {summary['steps']} steps in {summary['seconds']:.1f}s, "
+        f"{_fmt(summary['tokens_per_s'])} tokens/s, loss {_fmt(summary['final_loss'])}, "
+        f"reward accuracy {_fmt(summary['reward_accuracy'])}, margin {_fmt(summary['reward_margin'])}"
+    )
+    for label in ("eval_before", "eval_after"):
+        values = summary[label]
+        if values:
+            prefix = "eval_before_" if label == "eval_before" else "eval_"
+            pick = lambda k: _fmt(values.get(prefix + k))  # noqa: E731
+            print(
+                f"prefopt: held-out {label.split('_')[1]:<6}: loss {pick('loss')}, reward accuracy "
+                f"{pick('rewards/accuracies')}, margin {pick('rewards/margins')}, "
+                f"policy prefers chosen {pick('policy/prefers_chosen')}"
+            )
+    print(f"prefopt: final model in {final_dir}")

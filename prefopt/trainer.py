@@ -1,0 +1,173 @@
+"""The one trainer: transformers.Trainer plus what preference losses need.
+
+transformers gives the loop, gradient accumulation, schedulers, mixed precision,
+checkpoints and exact resume, logging integrations and multi-GPU through accelerate.
+This class adds one thing: `batch_loss`, which computes exactly what the loss declares
+it needs (reference log-probs, token-level KL, mismatched pairs) and nothing else. It
+never looks at the loss's name.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from prefopt.data.collate import PreferenceCollator, SequenceBatch
+from prefopt.logps import completion_states, output_head, score_completions
+from prefopt.losses import LossInputs
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items: list):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+class DictCollator:
+    """transformers.Trainer moves dict batches to the device; SequenceBatch travels as its fields."""
+
+    def __init__(self, collator: PreferenceCollator):
+        self.collator = collator
+
+    def __call__(self, examples: list) -> dict:
+        return vars(self.collator(examples))
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+class PreferenceTrainer(Trainer):
+    def __init__(
+        self,
+        *args,
+        loss_fn,
+        loss_args: dict,
+        reference=None,
+        chunk_size: int = 1024,
+        use_logits: bool = False,
+        group_by_length: bool = False,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.loss_fn = loss_fn
+        self.spec = loss_fn.spec
+        self.loss_args = loss_args
+        self.reference = reference
+        self.chunk_size = chunk_size
+        self.use_logits = use_logits
+        self.group_by_length = group_by_length
+        # Our loss is a mean over each micro-batch: the Trainer must divide by the accumulation steps.
+        self.loss_is_scaled_for_ga = False
+        self._window: dict[str, list[float]] = defaultdict(list)
+        self._window_tokens = 0
+        self._window_start = None
+        self.train_start = None
+
+    # -- the loss ------------------------------------------------------------------------
+
+    def batch_loss(self, model, batch: SequenceBatch):
+        """(loss, metrics) for one batch, computing only what the loss declared it needs."""
+        spec = self.spec
+        ref_logps = ref_states = ref_head = None
+        if spec.needs_reference:
+            ref_logps, ref_states, ref_head = self.reference(model, batch, keep_states=spec.needs_token_kl)
+        states = completion_states(
+            model, batch.input_ids, batch.attention_mask, batch.completion_mask, use_logits=self.use_logits
+        )
+        head = torch.nn.Identity() if self.use_logits else output_head(model)
+        logps, lengths, kl = score_completions(head, states, self.chunk_size, ref_head, ref_states)
+        c, r, k = batch.chosen_rows, batch.rejected_rows, batch.kl_rows
+        inputs = LossInputs(
+            policy_chosen_logps=logps[c],
+            policy_rejected_logps=logps[r],
+            chosen_lengths=lengths[c],
+            rejected_lengths=lengths[r],
+            reference_chosen_logps=ref_logps[c] if ref_logps is not None else None,
+            reference_rejected_logps=ref_logps[r] if ref_logps is not None else None,
+            chosen_kl=kl[c] if kl is not None else None,
+            rejected_kl=kl[r] if kl is not None else None,
+            policy_kl_logps=logps[k] if spec.needs_kl_pairs else None,
+            reference_kl_logps=ref_logps[k] if spec.needs_kl_pairs else None,
+        )
+        out = self.loss_fn(inputs, **self.loss_args)
+        metrics = {name: float(value) for name, value in out.metrics.items()}
+        detached = logps.detach()
+        if len(c):
+            metrics["logps/chosen"] = float(detached[c].mean())
+        if len(r):
+            metrics["logps/rejected"] = float(detached[r].mean())
+        if batch.paired:
+            # Does the policy itself rank the pair right (mean token log-prob)? Unlike the
+            # implicit reward, this is informative before training too.
+            per_token = detached / lengths.detach().clamp(min=1)
+            metrics["policy/prefers_chosen"] = float((per_token[c] > per_token[r]).float().mean())
+        return out.loss, metrics
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        batch = SequenceBatch(**inputs)
+        loss, metrics = self.batch_loss(model, batch)
+        if model.training:
+            for name, value in metrics.items():
+                self._window[name].append(value)
+            self._window_tokens += batch.num_tokens
+        return (loss, {}) if return_outputs else loss
+
+    # -- data ----------------------------------------------------------------------------
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.group_by_length:
+            return LengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                lengths=[item.length for item in dataset.items],
+            )
+        return super()._get_train_sampler(train_dataset)
+
+    # -- logging and evaluation ------------------------------------------------------------
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add the loss's metrics averaged over the window
+            now = time.time()
+            logs.update({name: _mean(values) for name, values in self._window.items() if values})
+            if self.train_start is not None:
+                logs["elapsed_s"] = round(now - self.train_start, 3)
+            if self._window_start is not None and now > self._window_start:
+                logs["tokens_per_s"] = round(self._window_tokens / (now - self._window_start), 1)
+            self._window.clear()
+            self._window_tokens, self._window_start = 0, now
+        super().log(logs, start_time)
+
+    def start_clock(self) -> None:
+        self.train_start = self._window_start = time.time()
+
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """Loss and metrics over a held-out set (weighted by examples), logged with the prefix."""
+        dataloader = self.get_eval_dataloader(eval_dataset)
+        was_training = self.model.training
+        self.model.eval()
+        sums: dict[str, float] = defaultdict(float)
+        counts: dict[str, int] = defaultdict(int)
+        try:
+            for inputs in dataloader:
+                batch = SequenceBatch(**self._prepare_inputs(inputs))
+                loss, metrics = self.batch_loss(self.model, batch)
+                n = len(batch.example_indices)
+                for name, value in {"loss": float(loss), **metrics}.items():
+                    sums[name] += value * n
+                    counts[name] += n
+        finally:
+            self.model.train(was_training)
+        results = {f"{metric_key_prefix}_{name}": sums[name] / counts[name] for name in sums}
+        self.log(dict(results))
+        return results
