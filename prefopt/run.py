@@ -242,14 +242,12 @@ def _print_summary(summary: dict, final_dir: Path) -> None:
         f"{_fmt(summary['tokens_per_s'])} tokens/s, loss {_fmt(summary['final_loss'])}, "
         f"reward accuracy {_fmt(summary['reward_accuracy'])}, margin {_fmt(summary['reward_margin'])}"
     )
-    for label in ("eval_before", "eval_after"):
-        values = summary[label]
+    for label, prefix in (("before", "eval_before_"), ("after", "eval_")):
+        values = {k[len(prefix) :]: v for k, v in summary[f"eval_{label}"].items()}
         if values:
-            prefix = "eval_before_" if label == "eval_before" else "eval_"
-            pick = lambda k: _fmt(values.get(prefix + k))  # noqa: E731
             print(
-                f"prefopt: held-out {label.split('_')[1]:<6}: loss {pick('loss')}, reward accuracy "
-                f"{pick('rewards/accuracies')}, margin {pick('rewards/margins')}, "
-                f"policy prefers chosen {pick('policy/prefers_chosen')}"
+                f"prefopt: held-out {label:<6}: loss {_fmt(values.get('loss'))}, reward accuracy "
+                f"{_fmt(values.get('rewards/accuracies'))}, margin {_fmt(values.get('rewards/margins'))}, "
+                f"policy prefers chosen {_fmt(values.get('policy/prefers_chosen'))}"
             )
     print(f"prefopt: final model in {final_dir}")
