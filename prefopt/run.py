@@ -41,6 +41,7 @@ class TrainResult:
     eval_after: dict = field(default_factory=dict)
     reference: str = ""
     summary: dict = field(default_factory=dict)
+    trainer: object = field(default=None, repr=False)  # the PreferenceTrainer, for notebooks and tests
 
 
 def choose_reference(spec: LossSpec, config: TrainConfig) -> str:
@@ -228,7 +229,15 @@ def train(config: TrainConfig) -> TrainResult:
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     _print_summary(summary, final_dir)
     return TrainResult(
-        output_dir, final_dir, trainer.state.global_step, last, eval_before, eval_after, reference_mode, summary
+        output_dir,
+        final_dir,
+        trainer.state.global_step,
+        last,
+        eval_before,
+        eval_after,
+        reference_mode,
+        summary,
+        trainer,
     )
 
 

@@ -46,6 +46,7 @@ def dpo_trainer(tmp_path_factory):
         use_cpu=True,
         max_length=64,
         save_strategy="no",
+        bf16=False,  # TRL defaults to bf16 autocast, also on the CPU
     )
     trainer = DPOTrainer(
         model=tiny_llama(0),
@@ -120,6 +121,7 @@ def test_kto_matches_trl(tmp_path):
         use_cpu=True,
         max_length=64,
         save_strategy="no",
+        bf16=False,
         beta=0.2,
         desirable_weight=1.5,
         undesirable_weight=0.7,
