@@ -147,7 +147,8 @@ def _load_reference(mode: str, config: TrainConfig, model, items, collator, extr
     )
 
 
-def train(config: TrainConfig) -> TrainResult:
+def train(config: TrainConfig, callbacks: list | None = None, save_final: bool = True) -> TrainResult:
+    """Run training as `config` says; extra transformers `callbacks` are added to the trainer."""
     from transformers import set_seed
 
     from prefopt.callbacks import ConsoleProgress, MetricsFile
@@ -201,6 +202,8 @@ def train(config: TrainConfig) -> TrainResult:
     )
     trainer.add_callback(ConsoleProgress())
     trainer.add_callback(MetricsFile(output_dir / "metrics.jsonl"))
+    for callback in callbacks or []:
+        trainer.add_callback(callback)
 
     eval_before = trainer.evaluate(metric_key_prefix="eval_before") if eval_items and not config.resume else {}
     trainer.start_clock()
@@ -210,9 +213,10 @@ def train(config: TrainConfig) -> TrainResult:
     eval_after = trainer.evaluate() if eval_items else {}
 
     final_dir = output_dir / "final"
-    trainer.save_model(str(final_dir))
-    tokenizer.save_pretrained(str(final_dir))
-    (final_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.yaml holds the settings
+    if save_final:
+        trainer.save_model(str(final_dir))
+        tokenizer.save_pretrained(str(final_dir))
+        (final_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.yaml holds the settings
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     last = logs[-1] if logs else {}
     summary = {

@@ -1,0 +1,275 @@
+"""`make bench`: prefopt vs TRL's DPOTrainer, same model, data and settings, each in its own process.
+
+    python -m prefopt.bench [--steps 6] [--quick] [--out runs/bench/results.md]
+
+Setup (issue #5): SmolLM2-135M-Instruct, fp32, full fine-tune, online reference (a frozen copy),
+4 pairs per step, HH-RLHF harmless test pairs from ../shared/data when present (else
+data_samples/hh_style.jsonl). For a length L, the benchmark uses the longest pairs whose prompt
+plus longer completion fit in L tokens, so no framework truncates anything and both see exactly
+the same tokens; each worker runs one epoch over steps x 4 pairs with the same seed.
+
+Reported: median step time (first step excluded: warm-up), tokens/s (all tokens of the pairs
+over the summed step times), peak RSS of the worker process (ru_maxrss), and ratios to TRL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+MODEL = "smollm2-135m-instruct"
+PAIRS_PER_STEP = 4
+
+
+class StepTimer:
+    """A TrainerCallback (duck-typed, works for both trainers) that times optimizer steps."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._start = None
+
+    def __getattr__(self, name):  # every other callback event: do nothing
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+
+
+def _worker_prefopt(args) -> dict:
+    from prefopt.config import TrainConfig
+    from prefopt.run import train
+
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as out:
+        config = TrainConfig(
+            loss=args.loss,
+            model=MODEL,
+            data=[args.data],
+            output_dir=out,
+            overwrite=True,
+            max_steps=args.steps,
+            batch_size=PAIRS_PER_STEP,
+            max_length=args.max_length,
+            learning_rate=1e-6,
+            logging_steps=1,
+            save_steps=10**9,
+            reference=args.reference,
+            dtype="float32",
+            seed=42,
+            gradient_checkpointing=args.gradient_checkpointing,
+        )
+        train(config, callbacks=[timer], save_final=False)
+    return {"step_times": timer.times, "peak_rss_gb": _peak_rss_gb()}
+
+
+def _worker_trl(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from prefopt.hub import load_tokenizer, resolve_model
+
+    rows = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as out:
+        trainer = DPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(resolve_model(MODEL), dtype=torch.float32),
+            ref_model=None,  # TRL makes the frozen copy itself
+            args=DPOConfig(
+                output_dir=out,
+                per_device_train_batch_size=PAIRS_PER_STEP,
+                max_steps=args.steps,
+                max_length=args.max_length,
+                learning_rate=1e-6,
+                beta=0.1,
+                logging_steps=1,
+                save_strategy="no",
+                report_to=[],
+                bf16=False,
+                use_cpu=not torch.cuda.is_available(),
+                seed=42,
+                gradient_checkpointing=args.gradient_checkpointing,
+            ),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=load_tokenizer(MODEL),
+            callbacks=[timer],
+        )
+        trainer.train()
+    return {"step_times": timer.times, "peak_rss_gb": _peak_rss_gb()}
+
+
+def _select_pairs(max_length: int, count: int, tokenizer) -> tuple[list[dict], int]:
+    """The `count` longest standard pairs that fit `max_length` untruncated, and their token total."""
+    from prefopt.data import PairExample, PreferenceTokenizer, load_examples
+
+    source = HH if HH.exists() else ROOT / "data_samples" / "hh_style.jsonl"
+    examples, _ = load_examples(source)
+    tokenizing = PreferenceTokenizer(tokenizer, max_length=10**6)
+    sized = []
+    for i, example in enumerate(examples):
+        pair = tokenizing.pair(example, i)
+        total = len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
+        if total <= max_length:
+            tokens = 2 * len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+            sized.append((total, tokens, example))
+    sized.sort(key=lambda s: -s[0])
+    chosen = sized[:count]
+    if len(chosen) < count:
+        raise SystemExit(f"only {len(chosen)} pairs fit max_length {max_length}; need {count}")
+    rows = [{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected} for _, _, e in chosen]
+    assert all(isinstance(r["prompt"], str) for r in rows) and isinstance(PairExample, type)
+    return rows, sum(tokens for _, tokens, _ in chosen)
+
+
+def _run_worker(
+    kind: str,
+    data: Path,
+    steps: int,
+    max_length: int,
+    loss: str = "dpo",
+    reference: str = "copy",
+    gradient_checkpointing: bool = False,
+) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as result_file:
+        result_path = result_file.name
+    command = [
+        sys.executable,
+        "-m",
+        "prefopt.bench",
+        "--worker",
+        kind,
+        "--data",
+        str(data),
+        "--steps",
+        str(steps),
+        "--max-length",
+        str(max_length),
+        "--loss",
+        loss,
+        "--reference",
+        reference,
+        "--result",
+        result_path,
+    ]
+    if gradient_checkpointing:
+        command.append("--gradient-checkpointing")
+    started = time.time()
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind} worker failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(Path(result_path).read_text())
+    os.unlink(result_path)
+    result["wall_s"] = round(time.time() - started, 1)
+    return result
+
+
+def _summarise(result: dict, total_tokens: int) -> dict:
+    times = result["step_times"]
+    return {
+        "median_step_s": statistics.median(times[1:] if len(times) > 1 else times),
+        "tokens_per_s": total_tokens / sum(times),
+        "peak_rss_gb": result["peak_rss_gb"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--quick", action="store_true", help="only the prefopt-vs-TRL comparison at 256")
+    parser.add_argument("--no-trl", action="store_true", help="skip TRL (prefopt rows only)")
+    parser.add_argument("--out", default="runs/bench/results.md")
+    parser.add_argument("--worker", choices=["prefopt", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--max-length", type=int, default=256, help=argparse.SUPPRESS)
+    parser.add_argument("--loss", default="dpo", help=argparse.SUPPRESS)
+    parser.add_argument("--reference", default="copy", help=argparse.SUPPRESS)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        result = (_worker_prefopt if args.worker == "prefopt" else _worker_trl)(args)
+        Path(args.result).write_text(json.dumps(result))
+        return 0
+
+    from prefopt.hub import load_tokenizer
+
+    tokenizer = load_tokenizer(MODEL)  # converts the packaged GGUF once, outside any timing
+    count = args.steps * PAIRS_PER_STEP
+    workdir = Path(tempfile.mkdtemp(prefix="prefopt-bench-"))
+    rows_out = []
+
+    def data_for(length: int) -> tuple[Path, int]:
+        rows, tokens = _select_pairs(length, count, tokenizer)
+        path = workdir / f"pairs-{length}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path, tokens
+
+    data256, tokens256 = data_for(256)
+    ours = _summarise(_run_worker("prefopt", data256, args.steps, 256), tokens256)
+    rows_out.append(("prefopt dpo", 256, ours))
+    if not args.no_trl:
+        theirs = _summarise(_run_worker("trl", data256, args.steps, 256), tokens256)
+        rows_out.append(("TRL DPOTrainer", 256, theirs))
+    if not args.quick:
+        for loss in ("dpop", "tdpo1", "tdpo2", "orpo", "kto"):
+            rows_out.append(
+                (
+                    f"prefopt {loss}",
+                    256,
+                    _summarise(_run_worker("prefopt", data256, args.steps, 256, loss, "auto"), tokens256),
+                )
+            )
+        for length in (512, 1024):
+            path, tokens = data_for(length)
+            rows_out.append(
+                ("prefopt dpo", length, _summarise(_run_worker("prefopt", path, args.steps, length), tokens))
+            )
+
+    lines = [
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; torch threads default; fp32; "
+        f"{args.steps} steps x {PAIRS_PER_STEP} pairs; data: {'HH-RLHF harmless test' if HH.exists() else 'hh_style sample'}",
+        "",
+        "| run | max_length | median step (s) | tokens/s | peak RSS (GB) | step speed vs TRL | RSS vs TRL |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    trl = next((r for name, _, r in rows_out if name.startswith("TRL")), None)
+    for name, length, r in rows_out:
+        speed = f"{trl['median_step_s'] / r['median_step_s']:.2f}x" if trl else "-"
+        rss = f"{r['peak_rss_gb'] / trl['peak_rss_gb']:.2f}x" if trl else "-"
+        lines.append(
+            f"| {name} | {length} | {r['median_step_s']:.2f} | {r['tokens_per_s']:.0f} | "
+            f"{r['peak_rss_gb']:.2f} | {speed} | {rss} |"
+        )
+    table = "\n".join(lines)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table + "\n")
+    print(table)
+    print(f"\n(written to {out})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
