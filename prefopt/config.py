@@ -71,6 +71,9 @@ class TrainConfig:
     max_grad_norm: float = _help("gradient clipping norm", default=1.0)
     seed: int = _help("random seed (data order, init of adapters)", default=42)
     chunk_size: int = _help("tokens per log-prob chunk (bounds logits memory)", default=1024)
+    share_prefix: bool = _help(
+        "paired data: one forward over [prompt; chosen; rejected] (prompt computed once)", default=True
+    )
     # run management
     logging_steps: int = _help("log every N optimizer steps", default=10)
     eval_steps: int | None = _help("evaluate every N steps (default: only at the end)", default=None)

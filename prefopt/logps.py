@@ -37,30 +37,38 @@ def output_head(model) -> torch.nn.Module:
     return inner.get_output_embeddings()
 
 
-def completion_states(model, input_ids, attention_mask, completion_mask, use_logits: bool = False) -> CompletionStates:
-    """One forward pass; keep the final hidden states where the next token is a completion token.
+def _attention_mask(model, mask: torch.Tensor) -> torch.Tensor:
+    """2-D masks go to the model as they are. A 4-D boolean mask (shared-prefix layout) goes to
+    SDPA as booleans and to eager attention as an additive float mask."""
+    if mask.dim() != 4:
+        return mask
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", "sdpa") == "sdpa":
+        return mask
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def completion_states(model, batch, use_logits: bool = False) -> CompletionStates:
+    """One forward pass over `batch` (a SequenceBatch); keep the states that predict completion tokens.
 
     use_logits=True keeps the model's own logits instead (for heads that are not a plain
     projection of the last hidden state); score them with `torch.nn.Identity()` as the head.
     """
+    kwargs = {
+        "input_ids": batch.input_ids,
+        "attention_mask": _attention_mask(model, batch.attention_mask),
+        "use_cache": False,
+    }
+    if batch.position_ids is not None:
+        kwargs["position_ids"] = batch.position_ids
     if use_logits:
-        hidden = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        hidden = model(**kwargs).logits
     else:
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            output_hidden_states=True,
-            logits_to_keep=1,
-            use_cache=False,
-        )
-        hidden = out.hidden_states[-1]
-    predicts_completion = completion_mask[:, 1:].bool()  # position t predicts token t+1
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(predicts_completion)
+        hidden = model(**kwargs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    flat = hidden.reshape(-1, hidden.shape[-1])
     return CompletionStates(
-        hidden=hidden[:, :-1][predicts_completion],
-        targets=input_ids[:, 1:][predicts_completion],
-        rows=rows[predicts_completion],
-        num_rows=input_ids.shape[0],
+        hidden=flat[batch.predict_from], targets=batch.predict_token, rows=batch.predict_row, num_rows=batch.num_rows
     )
 
 

@@ -25,10 +25,11 @@ CACHE_VERSION = "1"
 class ModelReference:
     """Reference computed online by a model: a frozen copy, or the policy with adapters off."""
 
-    def __init__(self, model=None, disable_adapter: bool = False, chunk_size: int = 1024):
+    def __init__(self, model=None, disable_adapter: bool = False, chunk_size: int = 1024, use_logits: bool = False):
         self.model = model
         self.disable_adapter = disable_adapter
         self.chunk_size = chunk_size
+        self.use_logits = use_logits
 
     @torch.no_grad()
     def __call__(self, policy, batch: SequenceBatch, keep_states: bool):
@@ -38,19 +39,19 @@ class ModelReference:
         try:
             if self.disable_adapter:
                 with policy.disable_adapter():
-                    states = completion_states(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+                    states = completion_states(model, batch, self.use_logits)
             else:
-                states = completion_states(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+                states = completion_states(model, batch, self.use_logits)
         finally:
             model.train(was_training)
-        head = output_head(model)
+        head = torch.nn.Identity() if self.use_logits else output_head(model)
         logps, _, _ = score_completions(head, states, self.chunk_size)
         return logps, (states if keep_states else None), head
 
 
 def _row_keys(batch: SequenceBatch) -> list[tuple[int, str]]:
     """(example index, slot) of every row, following the collator's layout."""
-    keys: list = [None] * batch.input_ids.shape[0]
+    keys: list = [None] * batch.num_rows
     n = len(batch.example_indices)
     if batch.paired:
         for j, example in enumerate(batch.example_indices):

@@ -130,16 +130,35 @@ def _training_arguments(config: TrainConfig, has_eval: bool):
     )
 
 
-def _load_reference(mode: str, config: TrainConfig, model, items, collator, extra_key: str):
+def _shared_prefix_works(model, tokenizer, use_logits: bool) -> bool:
+    """Does this model honour a custom 4-D mask and position ids? Compare both layouts on one pair."""
+    from prefopt.data import PairExample
+    from prefopt.logps import completion_states, output_head, score_completions
+
+    pair = PreferenceTokenizer(tokenizer, 64).pair(PairExample("Is the sky blue?", " Yes, it is.", " No.", ""), 0)
+    device = next(model.parameters()).device
+    head = torch.nn.Identity() if use_logits else output_head(model)
+    results = []
+    with torch.no_grad():
+        for share in (False, True):
+            batch = PreferenceCollator(tokenizer.pad_token_id, share_prefix=share)([pair]).to(device)
+            try:
+                results.append(score_completions(head, completion_states(model, batch, use_logits))[0])
+            except Exception:  # a model that rejects 4-D masks or position ids: use the plain layout
+                return False
+    return torch.allclose(results[0], results[1], atol=1e-3, rtol=1e-4)
+
+
+def _load_reference(mode: str, config: TrainConfig, model, items, collator, extra_key: str, use_logits: bool):
     from prefopt.model import load_reference_copy
     from prefopt.reference import CachedReference, ModelReference
 
     if mode == "none":
         return None
     if mode == "copy":
-        return ModelReference(load_reference_copy(config), chunk_size=config.chunk_size)
+        return ModelReference(load_reference_copy(config), chunk_size=config.chunk_size, use_logits=use_logits)
     if mode == "adapter":
-        return ModelReference(disable_adapter=True, chunk_size=config.chunk_size)
+        return ModelReference(disable_adapter=True, chunk_size=config.chunk_size, use_logits=use_logits)
     device = next(model.parameters()).device
     # Before training the policy is the reference (full weights, or LoRA with B = 0).
     return CachedReference.build(
@@ -174,12 +193,16 @@ def train(config: TrainConfig, callbacks: list | None = None, save_final: bool =
     eval_items = _tokenize(eval_examples, tokenizer, config, spec, "eval") if eval_examples else []
     for item in eval_items:  # one index space for both splits: it keys the reference cache
         item.index += len(train_items)
-    collator = PreferenceCollator(tokenizer.pad_token_id, with_kl_pairs=spec.needs_kl_pairs)
-
     probe = torch.tensor([tokenizer("probe")["input_ids"][:4] or [tokenizer.eos_token_id]])
     use_logits = not head_matches_model(model, probe.to(next(model.parameters()).device))
+    share_prefix = config.share_prefix and spec.paired and _shared_prefix_works(model, tokenizer, use_logits)
+    if config.share_prefix and spec.paired and not share_prefix:
+        print("prefopt: this model does not take a custom 4-D attention mask; prompts are not shared")
+    collator = PreferenceCollator(tokenizer.pad_token_id, with_kl_pairs=spec.needs_kl_pairs, share_prefix=share_prefix)
     extra_key = f"{config.model}|{config.dtype}|{config.load_in_4bit}|{config.lora}"
-    reference = _load_reference(reference_mode, config, model, train_items + eval_items, collator, extra_key)
+    reference = _load_reference(
+        reference_mode, config, model, train_items + eval_items, collator, extra_key, use_logits
+    )
     if getattr(reference, "path", None):
         print(f"prefopt: reference log-probs {'reused from' if reference.reused else 'cached in'} {reference.path}")
 

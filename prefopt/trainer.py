@@ -81,9 +81,7 @@ class PreferenceTrainer(Trainer):
         ref_logps = ref_states = ref_head = None
         if spec.needs_reference:
             ref_logps, ref_states, ref_head = self.reference(model, batch, keep_states=spec.needs_token_kl)
-        states = completion_states(
-            model, batch.input_ids, batch.attention_mask, batch.completion_mask, use_logits=self.use_logits
-        )
+        states = completion_states(model, batch, use_logits=self.use_logits)
         head = torch.nn.Identity() if self.use_logits else output_head(model)
         logps, lengths, kl = score_completions(head, states, self.chunk_size, ref_head, ref_states)
         c, r, k = batch.chosen_rows, batch.rejected_rows, batch.kl_rows

@@ -97,17 +97,36 @@ def test_examples_that_cannot_fit_are_dropped_and_none_left_is_an_error():
         PreferenceTokenizer(tok, max_length=5).all([PairExample("abcdefgh", "a", "b", "x")])
 
 
-def test_paired_collation_rows_and_masks():
+def test_paired_collation_rows_and_prediction_map():
     tok = byte_tokenizer()
     t = PreferenceTokenizer(tok, 64)
     pairs = [t.pair(PairExample("ab", "c", "dd", "x"), 0), t.pair(PairExample("abc", "eee", "f", "y"), 1)]
     batch = PreferenceCollator(pad_id=tok.pad_token_id)(pairs)
-    assert batch.input_ids.shape == (4, 7)
+    assert batch.input_ids.shape == (4, 7) and batch.num_rows == 4
     assert batch.chosen_rows.tolist() == [0, 1] and batch.rejected_rows.tolist() == [2, 3]
-    assert batch.completion_mask[0].tolist() == [0, 0, 1, 1, 0, 0, 0]  # "ab" | "c" EOS | pad
-    assert batch.completion_mask[3].tolist() == [0, 0, 0, 1, 1, 0, 0]  # "abc" | "f" EOS
-    assert batch.attention_mask[1].tolist() == [1] * 7
-    assert batch.kl_rows.numel() == 0
+    assert batch.attention_mask[0].tolist() == [1, 1, 1, 1, 0, 0, 0]  # "ab" | "c" EOS | pad
+    # row 0 = "ab" + "c" EOS: "c" is predicted from position 1 ("b"), EOS from position 2
+    row0 = batch.predict_row == 0
+    assert batch.predict_from[row0].tolist() == [1, 2]
+    assert batch.predict_token[row0].tolist() == tok("c", add_special_tokens=False)["input_ids"] + [0]
+    # row 3 = "abc" + "f" EOS, flat index 3 * 7 + position
+    assert batch.predict_from[batch.predict_row == 3].tolist() == [3 * 7 + 2, 3 * 7 + 3]
+    assert batch.num_tokens == 4 + 7 + 5 + 5
+
+
+def test_shared_prefix_layout_mask_positions_and_predictions():
+    tok = byte_tokenizer()
+    pair = PreferenceTokenizer(tok, 64).pair(PairExample("ab", "c", "dd", "x"), 0)  # p=2, c=2 (c EOS), r=3
+    batch = PreferenceCollator(pad_id=tok.pad_token_id, share_prefix=True)([pair])
+    assert batch.input_ids.shape == (1, 7) and batch.num_rows == 2
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 2, 3, 4]  # the rejected branch restarts after the prompt
+    mask = batch.attention_mask[0, 0].int().tolist()
+    assert mask[3] == [1, 1, 1, 1, 0, 0, 0]  # chosen EOS sees prompt + chosen
+    assert mask[5] == [1, 1, 0, 0, 1, 1, 0]  # rejected 2nd "d" sees prompt + rejected, not chosen
+    # both first completion tokens are predicted from the prompt's last position
+    assert batch.predict_from.tolist() == [1, 2, 1, 4, 5]
+    assert batch.predict_row.tolist() == [0, 0, 1, 1, 1]
+    assert batch.num_tokens == 7
 
 
 def test_unpaired_collation_with_mismatched_kl_pairs():
@@ -124,7 +143,7 @@ def test_unpaired_collation_with_mismatched_kl_pairs():
     assert batch.kl_rows.tolist() == [3, 4, 5] and not batch.paired
     row = batch.input_ids[3][batch.attention_mask[3].bool()].tolist()
     assert tok.decode(row) == "p1b<|endoftext|>"  # prompt 1 with completion 2
-    assert tok.decode(batch.input_ids[5][batch.completion_mask[5].bool()].tolist()) == "aa<|endoftext|>"
+    assert tok.decode(batch.predict_token[batch.predict_row == 5].tolist()) == "aa<|endoftext|>"  # p3 + c1
     assert batch.example_indices == [0, 1, 2]
 
 
