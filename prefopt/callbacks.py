@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
@@ -53,3 +55,32 @@ class ConsoleProgress(ProgressCallback):
             self.training_bar.write(
                 f"eval @ step {state.global_step}: " + "  ".join(f"{k} {v:.4g}" for k, v in shown.items())
             )
+
+
+class GradientGuard(TrainerCallback):
+    """Before each optimizer step: a NaN/inf gradient stops the run (or, within --skip-nonfinite, is dropped)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads and not all(torch.isfinite(g).all() for g in grads):
+            self.trainer.nonfinite("gradient", self.trainer.last_example_indices)
+            for p in model.parameters():
+                p.grad = None  # optimizers skip parameters without a gradient
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGINT/SIGTERM: finish the current step, save a checkpoint, stop; the caller says how to resume."""
+
+    def __init__(self):
+        self.received: str | None = None
+
+    def handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received:
+            control.should_save = True
+            control.should_training_stop = True

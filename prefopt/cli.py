@@ -77,8 +77,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config")}
     if "loss_args" in overrides:
         overrides["loss_args"] = dict(overrides["loss_args"])
-    train(build_config(load_yaml(args.config) if args.config else {}, overrides))
-    return 0
+    result = train(build_config(load_yaml(args.config) if args.config else {}, overrides))
+    return 130 if result.interrupted else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -81,6 +81,7 @@ class TrainConfig:
     save_total_limit: int | None = _help("keep at most N checkpoints", default=None)
     resume: bool = _help("continue the run in output_dir from its newest checkpoint", default=False)
     overwrite: bool = _help("replace a previous run's outputs in output_dir", default=False)
+    skip_nonfinite: int = _help("skip up to N batches whose loss or gradient is NaN/inf (default: stop)", default=0)
     report_to: list = _help("logging integrations (tensorboard, wandb, ...)", default_factory=list)
 
     def __post_init__(self) -> None:

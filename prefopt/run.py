@@ -8,6 +8,8 @@ reported in seconds, not after a model load.
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,7 @@ class TrainResult:
     reference: str = ""
     summary: dict = field(default_factory=dict)
     trainer: object = field(default=None, repr=False)  # the PreferenceTrainer, for notebooks and tests
+    interrupted: str | None = None  # the signal that stopped the run early, if any
 
 
 def choose_reference(spec: LossSpec, config: TrainConfig) -> str:
@@ -166,11 +169,28 @@ def _load_reference(mode: str, config: TrainConfig, model, items, collator, extr
     )
 
 
+def _newest_checkpoint(output_dir: Path) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    found = get_last_checkpoint(str(output_dir))
+    return Path(found) if found else None
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """On resume, drop log lines of steps after the checkpoint: they will be logged again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
 def train(config: TrainConfig, callbacks: list | None = None, save_final: bool = True) -> TrainResult:
     """Run training as `config` says; extra transformers `callbacks` are added to the trainer."""
     from transformers import set_seed
 
-    from prefopt.callbacks import ConsoleProgress, MetricsFile
+    from prefopt.callbacks import ConsoleProgress, GradientGuard, MetricsFile, StopOnSignal
     from prefopt.logps import head_matches_model
     from prefopt.model import load_policy
     from prefopt.trainer import DictCollator, ListDataset, PreferenceTrainer
@@ -219,20 +239,56 @@ def train(config: TrainConfig, callbacks: list | None = None, save_final: bool =
         chunk_size=config.chunk_size,
         use_logits=use_logits,
         group_by_length=config.group_by_length,
+        skip_nonfinite=config.skip_nonfinite,
     )
     trainer.remove_callback(
         next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "ProgressCallback")
     )
     trainer.add_callback(ConsoleProgress())
     trainer.add_callback(MetricsFile(output_dir / "metrics.jsonl"))
+    trainer.add_callback(GradientGuard(trainer))
+    stopper = StopOnSignal()
+    trainer.add_callback(stopper)
     for callback in callbacks or []:
         trainer.add_callback(callback)
 
-    eval_before = trainer.evaluate(metric_key_prefix="eval_before") if eval_items and not config.resume else {}
+    checkpoint = _newest_checkpoint(output_dir) if config.resume else None
+    if config.resume:
+        step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
+        _trim_metrics(output_dir / "metrics.jsonl", step)
+        print(f"prefopt: resuming from {checkpoint}" if checkpoint else "prefopt: no checkpoint yet; starting over")
+    eval_before = trainer.evaluate(metric_key_prefix="eval_before") if eval_items and not checkpoint else {}
     trainer.start_clock()
     started = time.time()
-    trainer.train(resume_from_checkpoint=True if config.resume else None)
+    # Signal handlers can only be set from the main thread (a notebook's cells run there).
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, stopper.handle) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except PrefoptError as error:
+        last = _newest_checkpoint(output_dir)
+        raise type(error)(f"{error}; last good checkpoint: {last.name if last else 'none yet'}") from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     seconds = time.time() - started
+    if stopper.received:
+        print(
+            f"prefopt: {stopper.received} received: stopped at step {trainer.state.global_step} and saved a "
+            f"checkpoint; continue with: prefopt train --config {output_dir / 'config.yaml'} --resume"
+        )
+        return TrainResult(
+            output_dir,
+            output_dir / "final",
+            trainer.state.global_step,
+            {},
+            eval_before,
+            {},
+            reference_mode,
+            {},
+            trainer,
+            interrupted=stopper.received,
+        )
     eval_after = trainer.evaluate() if eval_items else {}
 
     final_dir = output_dir / "final"

@@ -9,14 +9,18 @@ never looks at the loss's name.
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from prefopt.data.collate import PreferenceCollator, SequenceBatch
+from prefopt.errors import PrefoptError
 from prefopt.logps import completion_states, output_head, score_completions
 from prefopt.losses import LossInputs
 
@@ -42,6 +46,10 @@ class DictCollator:
         return vars(self.collator(examples))
 
 
+class NonFiniteError(PrefoptError):
+    """A loss or gradient became NaN/inf; the message names the step and the examples."""
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
@@ -56,6 +64,7 @@ class PreferenceTrainer(Trainer):
         chunk_size: int = 1024,
         use_logits: bool = False,
         group_by_length: bool = False,
+        skip_nonfinite: int = 0,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -66,6 +75,9 @@ class PreferenceTrainer(Trainer):
         self.chunk_size = chunk_size
         self.use_logits = use_logits
         self.group_by_length = group_by_length
+        self.skip_nonfinite = skip_nonfinite  # how many bad batches may still be skipped
+        self.skipped_batches: list[str] = []
+        self.last_example_indices: list[int] = []
         # Our loss is a mean over each micro-batch: the Trainer must divide by the accumulation steps.
         self.loss_is_scaled_for_ga = False
         self._window: dict[str, list[float]] = defaultdict(list)
@@ -111,14 +123,63 @@ class PreferenceTrainer(Trainer):
             metrics["policy/prefers_chosen"] = float((per_token[c] > per_token[r]).float().mean())
         return out.loss, metrics
 
+    def describe_examples(self, indices: list[int]) -> str:
+        items = self.train_dataset.items
+        return ", ".join(items[i].where or f"#{i}" for i in indices if i < len(items)) or "-"
+
+    def nonfinite(self, what: str, indices: list[int]) -> bool:
+        """Skip this batch if the budget allows (True), else stop the run with a clear error."""
+        step = self.state.global_step + 1
+        where = self.describe_examples(indices)
+        if self.skip_nonfinite > 0:
+            self.skip_nonfinite -= 1
+            self.skipped_batches.append(f"step {step}: {what} (examples {where})")
+            print(f"prefopt: skipped a batch with a non-finite {what} at step {step} (examples {where})")
+            return True
+        raise NonFiniteError(
+            f"non-finite {what} at step {step} (examples {where}); the run stopped and its last good checkpoint "
+            "is kept: fix the data or lower the learning rate, then continue with --resume "
+            "(or pass --skip-nonfinite N to skip such batches)"
+        )
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = SequenceBatch(**inputs)
         loss, metrics = self.batch_loss(model, batch)
+        if model.training and not torch.isfinite(loss).item():
+            self.nonfinite("loss", batch.example_indices)
+            # skipped: no gradient from this micro-batch (optimizers skip parameters without one)
+            loss = torch.zeros((), device=loss.device, requires_grad=True)
+            return (loss, {}) if return_outputs else loss
         if model.training:
+            self.last_example_indices = batch.example_indices
             for name, value in metrics.items():
                 self._window[name].append(value)
             self._window_tokens += batch.num_tokens
         return (loss, {}) if return_outputs else loss
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        """Write checkpoint-N under a staging folder, then rename it into place.
+
+        A kill during the save leaves only the staging folder, never a half-written
+        checkpoint-N, so --resume always finds a complete newest checkpoint.
+        """
+        final_root = self.args.output_dir
+        staging_root = Path(final_root) / ".staging"
+        shutil.rmtree(staging_root, ignore_errors=True)
+        staging_root.mkdir(parents=True)
+        self.args.output_dir = str(staging_root)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = final_root
+        name = f"checkpoint-{self.state.global_step}"
+        target = Path(final_root) / name
+        if target.exists():  # the same step saved again (e.g. an interrupt right after a scheduled save)
+            shutil.rmtree(target)
+        os.replace(staging_root / name, target)
+        shutil.rmtree(staging_root, ignore_errors=True)
 
     # -- data ----------------------------------------------------------------------------
 
