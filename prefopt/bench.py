@@ -76,7 +76,8 @@ def _worker_prefopt(args) -> dict:
             reference=args.reference,
             dtype="float32",
             seed=42,
-            gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing=args.gradient_checkpointing, chunk_size=args.chunk_size,
+            share_prefix=not args.no_share_prefix,
         )
         train(config, callbacks=[timer], save_final=False)
     return {"step_times": timer.times, "peak_rss_gb": _peak_rss_gb()}
@@ -206,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", default="copy", help=argparse.SUPPRESS)
     parser.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--chunk-size", type=int, default=1024, help=argparse.SUPPRESS)
+    parser.add_argument("--no-share-prefix", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
@@ -233,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         theirs = _summarise(_run_worker("trl", data256, args.steps, 256), tokens256)
         rows_out.append(("TRL DPOTrainer", 256, theirs))
     if not args.quick:
+        rows_out.append(("prefopt dpo, gradient checkpointing", 256, _summarise(
+            _run_worker("prefopt", data256, args.steps, 256, gradient_checkpointing=True), tokens256)))
         for loss in ("dpop", "tdpo1", "tdpo2", "orpo", "kto"):
             rows_out.append(
                 (
