@@ -76,7 +76,8 @@ def _worker_prefopt(args) -> dict:
             reference=args.reference,
             dtype="float32",
             seed=42,
-            gradient_checkpointing=args.gradient_checkpointing, chunk_size=args.chunk_size,
+            gradient_checkpointing=args.gradient_checkpointing,
+            chunk_size=args.chunk_size,
             share_prefix=not args.no_share_prefix,
         )
         train(config, callbacks=[timer], save_final=False)
@@ -236,8 +237,13 @@ def main(argv: list[str] | None = None) -> int:
         theirs = _summarise(_run_worker("trl", data256, args.steps, 256), tokens256)
         rows_out.append(("TRL DPOTrainer", 256, theirs))
     if not args.quick:
-        rows_out.append(("prefopt dpo, gradient checkpointing", 256, _summarise(
-            _run_worker("prefopt", data256, args.steps, 256, gradient_checkpointing=True), tokens256)))
+        rows_out.append(
+            (
+                "prefopt dpo, gradient checkpointing",
+                256,
+                _summarise(_run_worker("prefopt", data256, args.steps, 256, gradient_checkpointing=True), tokens256),
+            )
+        )
         for loss in ("dpop", "tdpo1", "tdpo2", "orpo", "kto"):
             rows_out.append(
                 (
@@ -261,8 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     trl = next((r for name, _, r in rows_out if name.startswith("TRL")), None)
     for name, length, r in rows_out:
-        speed = f"{trl['median_step_s'] / r['median_step_s']:.2f}x" if trl else "-"
-        rss = f"{r['peak_rss_gb'] / trl['peak_rss_gb']:.2f}x" if trl else "-"
+        comparable = trl is not None and length == 256  # TRL ran at 256 only
+        speed = f"{trl['median_step_s'] / r['median_step_s']:.2f}x" if comparable else "-"
+        rss = f"{r['peak_rss_gb'] / trl['peak_rss_gb']:.2f}x" if comparable else "-"
         lines.append(
             f"| {name} | {length} | {r['median_step_s']:.2f} | {r['tokens_per_s']:.0f} | "
             f"{r['peak_rss_gb']:.2f} | {speed} | {rss} |"

@@ -88,3 +88,11 @@ def test_cached_reference_is_refused_for_token_level_kl(tmp_path, tiny_model_dir
 def test_reference_free_loss_loads_no_reference(tmp_path, tiny_model_dir):
     result = run(tmp_path, tiny_model_dir, loss="simpo", max_steps=1)
     assert result.reference == "none" and result.trainer.reference is None
+
+
+def test_group_by_length_trains_and_keeps_all_examples(tmp_path, tiny_model_dir):
+    result = run(tmp_path, tiny_model_dir, group_by_length=True, max_steps=3, batch_size=4)
+    sampler = result.trainer._get_train_sampler()
+    assert type(sampler).__name__ == "LengthGroupedSampler"
+    assert sorted(sampler) == list(range(len(result.trainer.train_dataset)))
+    assert result.steps == 3
