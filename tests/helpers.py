@@ -12,6 +12,14 @@ CHAT_TEMPLATE = (
 )
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
+# Four standard-format pairs shared by the tests that compare against TRL.
+PAIRS = [
+    {"prompt": "Q: what is 2+2?", "chosen": " It is 4.", "rejected": " five"},
+    {"prompt": "Say hi.", "chosen": " Hello there!", "rejected": " no"},
+    {"prompt": "Capital of France?", "chosen": " Paris.", "rejected": " Berlin, I think"},
+    {"prompt": "Be kind.", "chosen": " Of course.", "rejected": " Why?"},
+]
+
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """One token per byte (ByteLevel alphabet, no merges) plus ChatML specials: any text round-trips."""

@@ -12,18 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
-from helpers import byte_tokenizer, tiny_llama
+from helpers import PAIRS, byte_tokenizer, tiny_llama
 
 from prefopt.losses import LossInputs, get_loss
 
 trl = pytest.importorskip("trl")
-
-PAIRS = [
-    {"prompt": "Q: what is 2+2?", "chosen": " It is 4.", "rejected": " five"},
-    {"prompt": "Say hi.", "chosen": " Hello there!", "rejected": " no"},
-    {"prompt": "Capital of France?", "chosen": " Paris.", "rejected": " Berlin, I think"},
-    {"prompt": "Be kind.", "chosen": " Of course.", "rejected": " Why?"},
-]
 
 
 def completion_logps(model, input_ids, attention_mask, completion_mask):

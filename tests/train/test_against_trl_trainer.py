@@ -7,7 +7,7 @@ pairs; with the byte tokenizer both libraries produce the same token sequences.
 import pytest
 import torch
 from datasets import Dataset
-from helpers import byte_tokenizer, tiny_llama
+from helpers import PAIRS, byte_tokenizer, tiny_llama
 from transformers import TrainingArguments
 
 from prefopt.data import PairExample, PreferenceCollator, PreferenceTokenizer
@@ -17,13 +17,6 @@ from prefopt.reference import ModelReference
 from prefopt.trainer import DictCollator, ListDataset, PreferenceTrainer
 
 trl = pytest.importorskip("trl")
-
-PAIRS = [
-    {"prompt": "Q: what is 2+2?", "chosen": " It is 4.", "rejected": " five"},
-    {"prompt": "Say hi.", "chosen": " Hello there!", "rejected": " no"},
-    {"prompt": "Capital of France?", "chosen": " Paris.", "rejected": " Berlin, I think"},
-    {"prompt": "Be kind.", "chosen": " Of course.", "rejected": " Why?"},
-]
 
 
 def grads(model) -> dict:
