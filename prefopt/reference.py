@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from prefopt.config import ConfigError
 from prefopt.data.collate import SequenceBatch
-from prefopt.logps import CompletionStates, completion_states, output_head, score_completions
+from prefopt.logps import completion_states, output_head, score_completions
 
 CACHE_VERSION = "1"
 
@@ -114,6 +114,3 @@ class CachedReference:
         save_file(slots, str(staging))
         os.replace(staging, path)  # atomic: a killed run never leaves a half-written cache
         return cls(slots, path, reused=False)
-
-
-__all__ = ["CachedReference", "CompletionStates", "ModelReference"]

@@ -202,12 +202,13 @@ def train(config: TrainConfig, callbacks: list | None = None, save_final: bool =
     if not config.data:
         raise ConfigError("no training data: pass --data FILE (or `data:` in the YAML)")
     reference_mode = choose_reference(spec, config)
+    set_seed(config.seed)
+    # Data errors are reported before the output folder is touched, so fixing them needs no --overwrite.
+    train_examples, eval_examples, _ = _prepare_examples(config, spec)
     output_dir = prepare_output_dir(config.output_dir, config.resume, config.overwrite)
     if not config.resume:
         config.save(output_dir / "config.yaml")
 
-    set_seed(config.seed)
-    train_examples, eval_examples, _ = _prepare_examples(config, spec)
     model, tokenizer = load_policy(config)
     train_items = _tokenize(train_examples, tokenizer, config, spec, "train")
     eval_items = _tokenize(eval_examples, tokenizer, config, spec, "eval") if eval_examples else []

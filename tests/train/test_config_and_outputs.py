@@ -175,3 +175,11 @@ def test_cli_train_end_to_end(tmp_path, tiny_model_dir):
     assert "prefopt: done: 2 steps" in result.stdout
     logs = [m for m in read_metrics(tmp_path / "cli") if "loss" in m]
     assert len(logs) == 2 and "kl/chosen" in logs[0]
+
+
+def test_a_data_error_leaves_no_output_folder_behind(tmp_path, tiny_model_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n{"prompt": "p", "chosen": "c"}\n')
+    with pytest.raises(PrefoptError, match="bad.jsonl:2: missing field 'rejected'"):
+        run(tmp_path, tiny_model_dir, data=[str(bad)], output_dir=str(tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
