@@ -33,6 +33,7 @@ class ModelReference:
 
     @torch.no_grad()
     def __call__(self, policy, batch: SequenceBatch, keep_states: bool):
+        policy = getattr(policy, "module", policy)  # DDP: no gradients here, so the bare model will do
         model = policy if self.disable_adapter else self.model
         was_training = model.training
         model.eval()  # no dropout in the reference

@@ -8,6 +8,7 @@ reported in seconds, not after a model load.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -205,9 +206,14 @@ def train(config: TrainConfig, callbacks: list | None = None, save_final: bool =
     set_seed(config.seed)
     # Data errors are reported before the output folder is touched, so fixing them needs no --overwrite.
     train_examples, eval_examples, _ = _prepare_examples(config, spec)
-    output_dir = prepare_output_dir(config.output_dir, config.resume, config.overwrite)
-    if not config.resume:
-        config.save(output_dir / "config.yaml")
+    # Several processes (torchrun / accelerate launch): only the first one checks and writes the folder.
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main:
+        output_dir = prepare_output_dir(config.output_dir, config.resume, config.overwrite)
+        if not config.resume:
+            config.save(output_dir / "config.yaml")
+    else:
+        output_dir = Path(config.output_dir)
 
     model, tokenizer = load_policy(config)
     train_items = _tokenize(train_examples, tokenizer, config, spec, "train")
@@ -254,7 +260,7 @@ def train(config: TrainConfig, callbacks: list | None = None, save_final: bool =
         trainer.add_callback(callback)
 
     checkpoint = _newest_checkpoint(output_dir) if config.resume else None
-    if config.resume:
+    if config.resume and is_main:
         step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
         _trim_metrics(output_dir / "metrics.jsonl", step)
         print(f"prefopt: resuming from {checkpoint}" if checkpoint else "prefopt: no checkpoint yet; starting over")
@@ -294,9 +300,10 @@ def train(config: TrainConfig, callbacks: list | None = None, save_final: bool =
 
     final_dir = output_dir / "final"
     if save_final:
-        trainer.save_model(str(final_dir))
-        tokenizer.save_pretrained(str(final_dir))
-        (final_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.yaml holds the settings
+        trainer.save_model(str(final_dir))  # writes on the main process only
+        if is_main:
+            tokenizer.save_pretrained(str(final_dir))
+            (final_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.yaml holds the settings
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     last = logs[-1] if logs else {}
     summary = {
@@ -310,8 +317,9 @@ def train(config: TrainConfig, callbacks: list | None = None, save_final: bool =
         "eval_before": eval_before,
         "eval_after": eval_after,
     }
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    _print_summary(summary, final_dir)
+    if is_main:
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        _print_summary(summary, final_dir)
     return TrainResult(
         output_dir,
         final_dir,

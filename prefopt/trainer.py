@@ -163,8 +163,11 @@ class PreferenceTrainer(Trainer):
         """Write checkpoint-N under a staging folder, then rename it into place.
 
         A kill during the save leaves only the staging folder, never a half-written
-        checkpoint-N, so --resume always finds a complete newest checkpoint.
+        checkpoint-N, so --resume always finds a complete newest checkpoint. (Single process;
+        with several processes transformers' in-place layout is kept.)
         """
+        if self.args.world_size > 1:  # several writers (FSDP/DeepSpeed shards): transformers' own layout
+            return super()._save_checkpoint(model, trial)
         final_root = self.args.output_dir
         staging_root = Path(final_root) / ".staging"
         shutil.rmtree(staging_root, ignore_errors=True)
