@@ -199,3 +199,26 @@ def test_checkpoints_hold_weights_as_safetensors(tmp_path, tiny_model_dir):
     assert not (result.output_dir / ".staging").exists()
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["global_step"] == 2
+
+
+def test_a_crash_in_the_middle_of_a_save_leaves_no_half_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    """Deterministic twin of the SIGKILL test: the save of checkpoint-4 dies after the weights are written."""
+    from transformers import Trainer
+
+    original = Trainer._save_optimizer_and_scheduler
+
+    def dies_at_step_4(self, output_dir):
+        if self.state.global_step == 4:
+            raise KeyboardInterrupt("simulated kill during the save")
+        return original(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", dies_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, tiny_model_dir, max_steps=6, save_steps=2)
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
+    assert (out / ".staging" / "checkpoint-4" / "model.safetensors").exists()  # the half-written one
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", original)
+    resumed = run(tmp_path, tiny_model_dir, max_steps=6, save_steps=2, resume=True)
+    assert resumed.steps == 6
+    assert [m["step"] for m in read_metrics(out) if "loss" in m] == [1, 2, 3, 4, 5, 6]
