@@ -1,7 +1,15 @@
 import json
+from pathlib import Path
 
 import pytest
 from helpers import save_tiny_model
+
+SAMPLES = Path(__file__).resolve().parents[2] / "data_samples"
+
+
+def train_argv(model_dir, output_dir, data: str = "standard.jsonl", *extra) -> list[str]:
+    """`prefopt train ...` arguments for a run on a sample file."""
+    return ["train", "--model", str(model_dir), "--data", str(SAMPLES / data), "--output-dir", str(output_dir), *extra]
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ from prefopt.cli import build_parser
 from prefopt.config import ConfigError, build_config, load_yaml
 from prefopt.errors import PrefoptError
 
-from .conftest import read_metrics
-from .test_losses_end_to_end import SAMPLES, run
+from .conftest import SAMPLES, read_metrics, train_argv
+from .test_losses_end_to_end import run
 
 
 def cli_overrides(*argv) -> dict:
@@ -65,24 +65,8 @@ def test_unknown_flag_exits_with_usage():
 
 
 def test_bad_loss_argument_is_a_clean_cli_error(tmp_path, tiny_model_dir):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "prefopt",
-            "train",
-            "--model",
-            tiny_model_dir,
-            "--data",
-            str(SAMPLES / "standard.jsonl"),
-            "--output-dir",
-            str(tmp_path / "o"),
-            "--loss-arg",
-            "gamma=1",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    argv = train_argv(tiny_model_dir, tmp_path / "o", "standard.jsonl", "--loss-arg", "gamma=1")
+    result = subprocess.run([sys.executable, "-m", "prefopt", *argv], capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "loss 'dpo' has no hyperparameter 'gamma'; valid ones: beta, label_smoothing" in result.stderr
     assert not (tmp_path / "o").exists()  # checked before anything is written
@@ -143,34 +127,24 @@ def test_python_api_from_a_notebook(tmp_path, tiny_model_dir):
 
 
 def test_cli_train_end_to_end(tmp_path, tiny_model_dir):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "prefopt",
-            "train",
-            "--loss",
-            "tdpo1",
-            "--model",
-            tiny_model_dir,
-            "--data",
-            str(SAMPLES / "conversational.jsonl"),
-            "--output-dir",
-            str(tmp_path / "cli"),
-            "--max-steps",
-            "2",
-            "--batch-size",
-            "2",
-            "--logging-steps",
-            "1",
-            "--max-length",
-            "96",
-            "--beta",
-            "0.2",
-        ],
-        capture_output=True,
-        text=True,
+    argv = train_argv(
+        tiny_model_dir,
+        tmp_path / "cli",
+        "conversational.jsonl",
+        "--loss",
+        "tdpo1",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--logging-steps",
+        "1",
+        "--max-length",
+        "96",
+        "--beta",
+        "0.2",
     )
+    result = subprocess.run([sys.executable, "-m", "prefopt", *argv], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "prefopt: done: 2 steps" in result.stdout
     logs = [m for m in read_metrics(tmp_path / "cli") if "loss" in m]

@@ -6,29 +6,17 @@ import sys
 
 import pytest
 
-from .conftest import read_metrics
-from .test_losses_end_to_end import SAMPLES
+from .conftest import read_metrics, train_argv
 
 
 @pytest.mark.parametrize("extra", [[], ["--lora", "--reference", "adapter"]], ids=["full", "lora-adapter"])
 def test_two_process_data_parallel_run(tmp_path, tiny_model_dir, extra):
     out = tmp_path / "ddp"
     env = {**os.environ, "PREFOPT_CACHE": str(tmp_path / "cache")}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "prefopt",
-        "train",
-        "--model",
+    argv = train_argv(
         tiny_model_dir,
-        "--data",
-        str(SAMPLES / "standard.jsonl"),
-        "--output-dir",
-        str(out),
+        out,
+        "standard.jsonl",
         "--max-steps",
         "3",
         "--batch-size",
@@ -40,7 +28,8 @@ def test_two_process_data_parallel_run(tmp_path, tiny_model_dir, extra):
         "--learning-rate",
         "1e-3",
         *extra,
-    ]
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "prefopt", *argv]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("prefopt: done: 3 steps") == 1  # the summary comes from the main process only

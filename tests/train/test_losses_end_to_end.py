@@ -10,9 +10,8 @@ from safetensors.torch import load_file
 from prefopt import TrainConfig, train
 from prefopt.losses import LossInputs, available_losses, get_loss, get_loss_spec
 
-from .conftest import read_metrics
+from .conftest import SAMPLES, read_metrics
 
-SAMPLES = Path(__file__).resolve().parents[2] / "data_samples"
 # Losses of the DPO family: at policy == reference their value is -log sigma(0) = ln 2.
 LN2_LOSSES = {"dpo", "dpop", "tdpo1", "tdpo2", "robust"}
 

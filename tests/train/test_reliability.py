@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 from prefopt.errors import PrefoptError
 from prefopt.losses import LossOutput, available_losses, get_loss_spec, register_loss
 
-from .conftest import read_metrics
+from .conftest import read_metrics, train_argv
 from .test_losses_end_to_end import SAMPLES, run
 
 
@@ -62,26 +62,24 @@ def _cli(tmp_path, model_dir, out, *extra):
         sys.executable,
         "-m",
         "prefopt",
-        "train",
-        "--model",
-        model_dir,
-        "--data",
-        str(SAMPLES / "standard.jsonl"),
-        "--output-dir",
-        str(out),
-        "--max-steps",
-        "40",
-        "--save-steps",
-        "2",
-        "--batch-size",
-        "2",
-        "--logging-steps",
-        "1",
-        "--max-length",
-        "96",
-        "--learning-rate",
-        "1e-3",
-        *extra,
+        *train_argv(
+            model_dir,
+            out,
+            "standard.jsonl",
+            "--max-steps",
+            "40",
+            "--save-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--logging-steps",
+            "1",
+            "--max-length",
+            "96",
+            "--learning-rate",
+            "1e-3",
+            *extra,
+        ),
     ]
 
 
