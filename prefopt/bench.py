@@ -125,7 +125,7 @@ def _worker_trl(args) -> dict:
 
 def _select_pairs(max_length: int, count: int, tokenizer) -> tuple[list[dict], int]:
     """The `count` longest standard pairs that fit `max_length` untruncated, and their token total."""
-    from prefopt.data import PairExample, PreferenceTokenizer, load_examples
+    from prefopt.data import PreferenceTokenizer, load_examples
 
     source = HH if HH.exists() else ROOT / "data_samples" / "hh_style.jsonl"
     examples, _ = load_examples(source)
@@ -142,7 +142,6 @@ def _select_pairs(max_length: int, count: int, tokenizer) -> tuple[list[dict], i
     if len(chosen) < count:
         raise SystemExit(f"only {len(chosen)} pairs fit max_length {max_length}; need {count}")
     rows = [{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected} for _, _, e in chosen]
-    assert all(isinstance(r["prompt"], str) for r in rows) and isinstance(PairExample, type)
     return rows, sum(tokens for _, tokens, _ in chosen)
 
 

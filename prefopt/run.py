@@ -74,7 +74,7 @@ def _prepare_examples(config: TrainConfig, spec: LossSpec):
         print(f"prefopt: data: {warning}")
     eval_examples = []
     if config.eval_data:
-        eval_examples, eval_report = load_examples(config.eval_data, config.format)
+        eval_examples, _ = load_examples(config.eval_data, config.format)
     elif config.eval_fraction > 0:
         train_examples, eval_examples = split_held_out(train_examples, config.eval_fraction, config.seed)
     unpaired = isinstance(train_examples[0], SingleExample)
