@@ -77,8 +77,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config")}
     if "loss_args" in overrides:
         overrides["loss_args"] = dict(overrides["loss_args"])
-    result = train(build_config(load_yaml(args.config) if args.config else {}, overrides))
+    try:
+        result = train(build_config(load_yaml(args.config) if args.config else {}, overrides))
+    finally:
+        _leave_process_group()
     return 130 if result.interrupted else 0
+
+
+def _leave_process_group() -> None:
+    """Under torchrun / accelerate launch, close the process group before the interpreter exits.
+
+    Left open, gloo's worker threads are torn down during interpreter shutdown, which sometimes
+    aborts a process ("terminate called without an active exception") after a successful run.
+    The CLI owns its process, so it closes the group; `train()` in a notebook leaves it to the caller.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def build_parser() -> argparse.ArgumentParser:
