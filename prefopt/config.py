@@ -74,6 +74,9 @@ class TrainConfig:
     share_prefix: bool = _help(
         "paired data: one forward over [prompt; chosen; rejected] (prompt computed once)", default=True
     )
+    lean_activations: bool = _help(
+        "RMSNorm and SwiGLU keep fewer tensors for backward (same results, less memory)", default=True
+    )
     # run management
     logging_steps: int = _help("log every N optimizer steps", default=10)
     eval_steps: int | None = _help("evaluate every N steps (default: only at the end)", default=None)

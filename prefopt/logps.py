@@ -3,8 +3,10 @@
 Memory: the B x T x V logits tensor is never built. The model runs once with
 `output_hidden_states=True, logits_to_keep=1` (through its own forward, so DDP/FSDP and
 PEFT wrappers see a normal call); the output head is then applied only at completion
-positions, in chunks of `chunk_size` tokens, each under activation checkpointing, so at
-most one chunk of logits (chunk_size x V) is alive at a time, in forward and in backward.
+positions, in chunks of `chunk_size` tokens, so at most one chunk of logits (chunk_size x V)
+is alive at a time, in forward and in backward: for a plain linear head through a fused
+autograd function (`_LinearHeadLogps`), otherwise (and for TDPO's KL) through activation
+checkpointing per chunk.
 
 TDPO's KL(pi_ref(.|x,y<t) || pi_theta(.|x,y<t)) is computed in the same chunks from the
 reference's hidden states at the same positions (full vocabulary), then summed per sequence.
@@ -97,6 +99,57 @@ def _chunk_scores(head_weight_owner, hidden, targets, ref_hidden, ref_head):
     return token_logps, kl
 
 
+class _LinearHeadLogps(torch.autograd.Function):
+    """log softmax(h W^T)[target] per position, chunk by chunk, for a bias-free linear head.
+
+    Forward keeps only h, W, the targets and one logsumexp per position; backward recomputes
+    each chunk's logits once and turns them in place into the gradient
+    d logp / d logits = onehot(target) - softmax, so one chunk x vocabulary buffer is alive at
+    a time (the checkpointed generic path needs logits, log-softmax and their gradients).
+    Same idea as Liger-Kernel's fused linear cross-entropy, per token rather than per pair.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size):
+        logps = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
+        lse = torch.empty_like(logps)
+        for start in range(0, hidden.shape[0], chunk_size):
+            sl = slice(start, start + chunk_size)
+            logits = F.linear(hidden[sl], weight).float()
+            lse[sl] = torch.logsumexp(logits, dim=-1)
+            logps[sl] = logits.gather(-1, targets[sl, None]).squeeze(-1) - lse[sl]
+            del logits
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk_size = chunk_size
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if want_weight else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            sl = slice(start, start + ctx.chunk_size)
+            g = grad_logps[sl, None].float()
+            grad_logits = F.linear(hidden[sl], weight).float()
+            grad_logits.sub_(lse[sl, None]).exp_().mul_(-g)  # -g * softmax
+            grad_logits.scatter_add_(-1, targets[sl, None], g)  # + g * onehot(target)
+            grad_logits = grad_logits.to(weight.dtype)
+            if want_hidden:
+                grad_hidden[sl] = grad_logits @ weight
+            if want_weight:
+                grad_weight.addmm_(grad_logits.T.float(), hidden[sl].float())
+            del grad_logits
+        if want_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def _plain_linear(head: torch.nn.Module) -> bool:
+    return type(head) is torch.nn.Linear and head.bias is None
+
+
 def score_completions(
     head: torch.nn.Module,
     states: CompletionStates,
@@ -106,6 +159,9 @@ def score_completions(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(summed logps (N,), lengths (N,), summed token KL (N,) or None) per sequence."""
     want_kl = ref_states is not None
+    if not want_kl and _plain_linear(head):
+        token_logps = _LinearHeadLogps.apply(states.hidden, head.weight, states.targets, chunk_size)
+        return _per_sequence(token_logps, states) + (None,)
     pieces_logp, pieces_kl = [], []
     grad = torch.is_grad_enabled() and states.hidden.requires_grad
     for start in range(0, states.hidden.shape[0], chunk_size):
@@ -120,15 +176,18 @@ def score_completions(
         pieces_kl.append(kl)
     device = states.hidden.device
     token_logps = torch.cat(pieces_logp) if pieces_logp else torch.zeros(0, device=device)
-    logps = torch.zeros(states.num_rows, device=device, dtype=torch.float32).index_add(0, states.rows, token_logps)
-    lengths = torch.zeros(states.num_rows, device=device, dtype=torch.float32).index_add(
-        0, states.rows, torch.ones_like(token_logps)
-    )
+    logps, lengths = _per_sequence(token_logps, states)
     kl = None
     if want_kl:
         token_kl = torch.cat(pieces_kl) if pieces_kl else torch.zeros(0, device=device)
         kl = torch.zeros(states.num_rows, device=device, dtype=torch.float32).index_add(0, states.rows, token_kl)
     return logps, lengths, kl
+
+
+def _per_sequence(token_logps: torch.Tensor, states: CompletionStates) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probs, completion lengths) per sequence."""
+    zeros = torch.zeros(states.num_rows, device=token_logps.device, dtype=torch.float32)
+    return zeros.index_add(0, states.rows, token_logps), zeros.index_add(0, states.rows, torch.ones_like(token_logps))
 
 
 def full_logits_scores(model, input_ids, attention_mask, completion_mask, ref_logits=None):

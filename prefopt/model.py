@@ -65,6 +65,10 @@ def load_policy(config: TrainConfig):
         if config.load_in_4bit:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
         model = get_peft_model(model, _lora_config(config))
+    if config.lean_activations:
+        from prefopt.lean import make_lean
+
+        make_lean(model)  # after LoRA: projections it wrapped keep their own forward
     return model, tokenizer
 
 
