@@ -150,7 +150,7 @@ def _agrees(module, lean_cls: type, width: int) -> bool:
             module.__class__ = stock_cls
         results.append([out.detach().float(), *(g.float() for g in grads)])
     tolerance = 1e-4 if param.dtype == torch.float32 else 2e-2
-    return all(torch.allclose(a, b, rtol=tolerance, atol=tolerance) for a, b in zip(*results))
+    return all(torch.allclose(a, b, rtol=tolerance, atol=tolerance) for a, b in zip(*results, strict=True))
 
 
 def make_lean(model: nn.Module) -> dict[str, int]:
