@@ -6,7 +6,8 @@ Setup (issue #5): SmolLM2-135M-Instruct, fp32, full fine-tune, online reference 
 4 pairs per step, HH-RLHF harmless test pairs from ../shared/data when present (else
 data_samples/hh_style.jsonl). For a length L, the benchmark uses the longest pairs whose prompt
 plus longer completion fit in L tokens, so no framework truncates anything and both see exactly
-the same tokens; each worker runs one epoch over steps x 4 pairs with the same seed.
+the same tokens; each worker runs one epoch over steps x 4 pairs with the same seed. Two more
+rows use a seeded random sample of pairs that fit 256 (mixed lengths), with and without packing.
 
 Reported: median step time (first step excluded: warm-up), tokens/s (all tokens of the pairs
 over the summed step times), peak RSS of the worker process (ru_maxrss), and ratios to TRL.
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -81,6 +83,7 @@ def _worker_prefopt(args) -> dict:
             gradient_checkpointing=args.gradient_checkpointing,
             chunk_size=args.chunk_size,
             share_prefix=not args.no_share_prefix,
+            pack=not args.no_pack,
         )
         train(config, callbacks=[timer], save_final=False)
     return {"step_times": timer.times, "peak_rss_gb": _peak_rss_gb()}
@@ -123,8 +126,9 @@ def _worker_trl(args) -> dict:
     return {"step_times": timer.times, "peak_rss_gb": _peak_rss_gb()}
 
 
-def _select_pairs(max_length: int, count: int, tokenizer) -> tuple[list[dict], int]:
-    """The `count` longest standard pairs that fit `max_length` untruncated, and their token total."""
+def _select_pairs(max_length: int, count: int, tokenizer, longest: bool = True) -> tuple[list[dict], int]:
+    """`count` standard pairs that fit `max_length` untruncated (the longest ones, or a seeded random
+    sample: lengths as they come), and their token total."""
     from prefopt.data import PreferenceTokenizer, load_examples
 
     source = HH if HH.exists() else ROOT / "data_samples" / "hh_style.jsonl"
@@ -137,7 +141,10 @@ def _select_pairs(max_length: int, count: int, tokenizer) -> tuple[list[dict], i
         if total <= max_length:
             tokens = 2 * len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
             sized.append((total, tokens, example))
-    sized.sort(key=lambda s: -s[0])
+    if longest:
+        sized.sort(key=lambda s: -s[0])
+    else:
+        random.Random(0).shuffle(sized)
     chosen = sized[:count]
     if len(chosen) < count:
         raise SystemExit(f"only {len(chosen)} pairs fit max_length {max_length}; need {count}")
@@ -153,6 +160,7 @@ def _run_worker(
     loss: str = "dpo",
     reference: str = "copy",
     gradient_checkpointing: bool = False,
+    pack: bool = True,
 ) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as result_file:
         result_path = result_file.name
@@ -177,6 +185,8 @@ def _run_worker(
     ]
     if gradient_checkpointing:
         command.append("--gradient-checkpointing")
+    if not pack:
+        command.append("--no-pack")
     started = time.time()
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -211,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--chunk-size", type=int, default=1024, help=argparse.SUPPRESS)
     parser.add_argument("--no-share-prefix", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-pack", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
@@ -225,9 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="prefopt-bench-"))
     rows_out = []
 
-    def data_for(length: int) -> tuple[Path, int]:
-        rows, tokens = _select_pairs(length, count, tokenizer)
-        path = workdir / f"pairs-{length}.jsonl"
+    def data_for(length: int, longest: bool = True) -> tuple[Path, int]:
+        rows, tokens = _select_pairs(length, count, tokenizer, longest)
+        path = workdir / f"pairs-{length}{'' if longest else '-random'}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return path, tokens
 
@@ -253,6 +264,16 @@ def main(argv: list[str] | None = None) -> int:
                     _summarise(_run_worker("prefopt", data256, args.steps, 256, loss, "auto"), tokens256),
                 )
             )
+        # Pairs of mixed lengths (a random sample) are where packing removes padding.
+        mixed, mixed_tokens = data_for(256, longest=False)
+        for pack in (True, False):
+            rows_out.append(
+                (
+                    f"prefopt dpo, mixed-length pairs, packing {'on' if pack else 'off'}",
+                    256,
+                    _summarise(_run_worker("prefopt", mixed, args.steps, 256, pack=pack), mixed_tokens),
+                )
+            )
         for length in (512, 1024):
             path, tokens = data_for(length)
             rows_out.append(
@@ -268,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     trl = next((r for name, _, r in rows_out if name.startswith("TRL")), None)
     for name, length, r in rows_out:
-        comparable = trl is not None and length == 256  # TRL ran at 256 only
+        # TRL ran at 256 only, on the longest pairs
+        comparable = trl is not None and length == 256 and "mixed" not in name
         speed = f"{trl['median_step_s'] / r['median_step_s']:.2f}x" if comparable else "-"
         rss = f"{r['peak_rss_gb'] / trl['peak_rss_gb']:.2f}x" if comparable else "-"
         lines.append(

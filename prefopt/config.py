@@ -74,6 +74,10 @@ class TrainConfig:
     share_prefix: bool = _help(
         "paired data: one forward over [prompt; chosen; rejected] (prompt computed once)", default=True
     )
+    pack: bool = _help(
+        "with share_prefix: short pairs share one sequence (fewer padding positions, never longer rows)",
+        default=True,
+    )
     lean_activations: bool = _help(
         "RMSNorm and SwiGLU keep fewer tensors for backward (same results, less memory)", default=True
     )

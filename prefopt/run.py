@@ -225,7 +225,9 @@ def train(config: TrainConfig, callbacks: list | None = None, save_final: bool =
     share_prefix = config.share_prefix and spec.paired and _shared_prefix_works(model, tokenizer, use_logits)
     if config.share_prefix and spec.paired and not share_prefix:
         print("prefopt: this model does not take a custom 4-D attention mask; prompts are not shared")
-    collator = PreferenceCollator(tokenizer.pad_token_id, with_kl_pairs=spec.needs_kl_pairs, share_prefix=share_prefix)
+    collator = PreferenceCollator(
+        tokenizer.pad_token_id, with_kl_pairs=spec.needs_kl_pairs, share_prefix=share_prefix, pack=config.pack
+    )
     extra_key = f"{config.model}|{config.dtype}|{config.load_in_4bit}|{config.lora}"
     reference = _load_reference(
         reference_mode, config, model, train_items + eval_items, collator, extra_key, use_logits

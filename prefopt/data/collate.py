@@ -13,6 +13,9 @@ Layouts:
   4-D attention mask so that the rejected tokens see the prompt but not the chosen ones,
   and position ids that restart the rejected branch right after the prompt. The prompt is
   computed once instead of twice; on HH-RLHF that removes about a third of all tokens.
+  With `pack`, pairs shorter than the longest one are packed together into one sequence
+  (first-fit decreasing, same width), the mask keeping each pair to itself: fewer padding
+  positions, and no sequence longer than the unpacked layout's.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class PreferenceCollator:
     pad_id: int
     with_kl_pairs: bool = False
     share_prefix: bool = False
+    pack: bool = True  # shared-prefix layout: several short pairs share one sequence
 
     def __call__(self, examples: list) -> SequenceBatch:
         paired = isinstance(examples[0], TokenizedPair)
@@ -109,18 +113,29 @@ class PreferenceCollator:
 
     def _shared(self, examples: list[TokenizedPair]) -> SequenceBatch:
         b = len(examples)
-        width = max(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
-        input_ids = torch.full((b, width), self.pad_id, dtype=torch.long)
-        position_ids = torch.zeros((b, width), dtype=torch.long)
-        segment = torch.full((b, width), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
+        spans = [len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples]
+        width = max(spans)
+        placement = _pack(spans, width) if self.pack else [(i, 0) for i in range(b)]
+        num_sequences = 1 + max(row for row, _ in placement)
+        input_ids = torch.full((num_sequences, width), self.pad_id, dtype=torch.long)
+        position_ids = torch.zeros((num_sequences, width), dtype=torch.long)
+        segment = torch.full((num_sequences, width), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 pad
+        owner = torch.full((num_sequences, width), -1, dtype=torch.long)  # which pair a position belongs to
         sources, tokens, rows = [], [], []
-        for i, e in enumerate(examples):
+        for i, (e, (row, offset)) in enumerate(zip(examples, placement, strict=True)):
             p, c, r = len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)
-            input_ids[i, : p + c + r] = _as_long(e.prompt_ids + e.chosen_ids + e.rejected_ids)
-            position_ids[i, : p + c] = torch.arange(p + c)
-            position_ids[i, p + c : p + c + r] = torch.arange(p, p + r)  # rejected continues the prompt
-            segment[i, :p], segment[i, p : p + c], segment[i, p + c : p + c + r] = 0, 1, 2
-            base, last_prompt = i * width, i * width + p - 1
+            start = offset
+            input_ids[row, start : start + p + c + r] = _as_long(e.prompt_ids + e.chosen_ids + e.rejected_ids)
+            position_ids[row, start : start + p + c] = torch.arange(p + c)
+            position_ids[row, start + p + c : start + p + c + r] = torch.arange(
+                p, p + r
+            )  # rejected continues the prompt
+            segment[row, start : start + p] = 0
+            segment[row, start + p : start + p + c] = 1
+            segment[row, start + p + c : start + p + c + r] = 2
+            owner[row, start : start + p + c + r] = i
+            base = row * width + start
+            last_prompt = base + p - 1
             # chosen token j is predicted from position p + j - 1; rejected token j from p + c + j - 1,
             # except the first, which is predicted from the prompt's last position like chosen's first
             sources += [last_prompt] + list(range(base + p, base + p + c - 1))
@@ -129,7 +144,8 @@ class PreferenceCollator:
             rows += [i] * c + [b + i] * r
         q, k = segment[:, :, None], segment[:, None, :]
         causal = torch.ones(width, width, dtype=torch.bool).tril()
-        visible = causal & (k != 3) & ((k == 0) | (k == q))
+        same_pair = owner[:, :, None] == owner[:, None, :]
+        visible = causal & same_pair & (k != 3) & ((k == 0) | (k == q))
         visible |= torch.eye(width, dtype=torch.bool) & (q == 3)  # padding attends to itself only (no empty rows)
         return SequenceBatch(
             input_ids=input_ids,
@@ -146,3 +162,22 @@ class PreferenceCollator:
             example_indices=[e.index for e in examples],
             paired=True,
         )
+
+
+def _pack(spans: list[int], width: int) -> list[tuple[int, int]]:
+    """First-fit decreasing: (row, offset) for each span so that rows hold at most `width` positions.
+
+    The width stays that of the longest span, so packing never makes a row (or its attention) longer;
+    it only removes rows that would mostly be padding.
+    """
+    order = sorted(range(len(spans)), key=lambda i: -spans[i])
+    used: list[int] = []
+    placement = [(0, 0)] * len(spans)
+    for i in order:
+        row = next((j for j, filled in enumerate(used) if filled + spans[i] <= width), None)
+        if row is None:
+            row = len(used)
+            used.append(0)
+        placement[i] = (row, used[row])
+        used[row] += spans[i]
+    return placement

@@ -129,6 +129,31 @@ def test_shared_prefix_layout_mask_positions_and_predictions():
     assert batch.num_tokens == 7
 
 
+def test_shared_prefix_layout_packs_short_pairs_into_one_sequence():
+    """Spans 11, 5 and 5 (prompt + chosen + EOS + rejected + EOS) in a width of 11: first-fit decreasing
+    puts the 11 alone and the two 5s together; each pair sees only itself."""
+    tok = byte_tokenizer()
+    t = PreferenceTokenizer(tok, 64)
+    pairs = [
+        t.pair(PairExample("abcdef", "c", "dd", "x"), 0),
+        t.pair(PairExample("e", "f", "g", "y"), 1),
+        t.pair(PairExample("h", "i", "j", "z"), 2),
+    ]
+    batch = PreferenceCollator(pad_id=tok.pad_token_id, share_prefix=True)(pairs)
+    unpacked = PreferenceCollator(pad_id=tok.pad_token_id, share_prefix=True, pack=False)(pairs)
+    assert batch.input_ids.shape == (2, 11) and unpacked.input_ids.shape == (3, 11)
+    assert batch.num_tokens == unpacked.num_tokens == 21 and batch.num_rows == 6
+    assert batch.position_ids[1].tolist() == [0, 1, 2, 1, 2, 0, 1, 2, 1, 2, 0]
+    mask = batch.attention_mask[1, 0].int().tolist()
+    assert mask[5] == [0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0]  # the second pair's prompt does not see the first pair
+    assert mask[8] == [0, 0, 0, 0, 0, 1, 0, 0, 1, 0, 0]  # its rejected "j" sees its prompt "h", not "i"
+    assert mask[10] == [0] * 10 + [1]  # padding attends to itself only
+    # pair 2 ("h", "i", "j") starts at flat index 11 + 5 = 16; its completions are logical rows 2 and 5
+    assert batch.predict_from.tolist()[-4:] == [16, 17, 16, 19]
+    assert batch.predict_row.tolist()[-4:] == [2, 2, 5, 5]
+    assert batch.predict_token.tolist() == unpacked.predict_token.tolist()
+
+
 def test_unpaired_collation_with_mismatched_kl_pairs():
     tok = byte_tokenizer()
     t = PreferenceTokenizer(tok, 64)

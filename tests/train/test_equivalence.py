@@ -24,6 +24,8 @@ PAIRS = [
     PairExample("Say hi.", " Hello there, friend!", " no", "b"),
     PairExample("Capital of France?", " Paris.", " Berlin, I think, or maybe Rome", "c"),
 ]
+# One long pair: in the shared-prefix layout the three short pairs above are packed into one sequence beside it.
+LONG_PAIR = PairExample("Tell me a long story about a cat. " * 3, " Once upon a time, a cat." * 3, " No.", "d")
 REQUIRED = ["dpo", "dpop", "tdpo1", "tdpo2", "orpo", "kto"]
 
 
@@ -31,9 +33,9 @@ def close(a, b, rtol=1e-5, atol=1e-5):
     return torch.allclose(a, b, rtol=rtol, atol=atol)
 
 
-def tokenized(name):
+def tokenized(name, pairs=PAIRS):
     tok = byte_tokenizer()
-    examples = PAIRS if get_loss_spec(name).paired else pairs_to_singles(PAIRS)
+    examples = pairs if get_loss_spec(name).paired else pairs_to_singles(pairs)
     items = PreferenceTokenizer(tok, 128).all(examples)
     if get_loss_spec(name).needs_kl_pairs:
         attach_mismatched_completions(items, 128)
@@ -82,10 +84,18 @@ def optimised_scores(model, ref, tok, items, with_kl, share_prefix, chunk_size, 
 
 @pytest.mark.parametrize("name", REQUIRED)
 @pytest.mark.parametrize(
-    "share_prefix,chunk_size,lean", [(False, 1, False), (False, 5, True), (True, 3, True), (True, 1024, False)]
+    "share_prefix,chunk_size,lean,packable",
+    [
+        (False, 1, False, False),
+        (False, 5, True, False),
+        (True, 3, True, False),
+        (True, 1024, False, False),
+        (True, 7, True, True),
+        (False, 1024, False, True),
+    ],
 )
-def test_optimised_path_equals_plain_path(name, share_prefix, chunk_size, lean):
-    tok, items = tokenized(name)
+def test_optimised_path_equals_plain_path(name, share_prefix, chunk_size, lean, packable):
+    tok, items = tokenized(name, PAIRS + [LONG_PAIR] if packable else PAIRS)
     spec = get_loss_spec(name)
     with_kl = spec.needs_kl_pairs
     results = {}
@@ -99,6 +109,8 @@ def test_optimised_path_equals_plain_path(name, share_prefix, chunk_size, lean):
             batch, logps, lengths, kl, ref_logps = optimised_scores(
                 model, ref, tok, items, with_kl, share_prefix, chunk_size, spec.needs_token_kl
             )
+            if packable and share_prefix and spec.paired:
+                assert batch.input_ids.shape[0] == 2  # the long pair alone, the three short ones packed
             if kl is None:
                 kl = results["plain"][2]  # not computed (nor read) for this loss; not compared below
         loss = loss_from(name, batch, logps, lengths, kl, ref_logps)
