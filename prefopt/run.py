@@ -222,8 +222,10 @@ def train(config: TrainConfig, callbacks: list | None = None, save_final: bool =
         item.index += len(train_items)
     probe = torch.tensor([tokenizer("probe")["input_ids"][:4] or [tokenizer.eos_token_id]])
     use_logits = not head_matches_model(model, probe.to(next(model.parameters()).device))
-    share_prefix = config.share_prefix and spec.paired and _shared_prefix_works(model, tokenizer, use_logits)
-    if config.share_prefix and spec.paired and not share_prefix:
+    # Pairs share their prompt; so do KTO's examples and their mismatched (KL) completions.
+    layout_shares = spec.paired or spec.needs_kl_pairs
+    share_prefix = config.share_prefix and layout_shares and _shared_prefix_works(model, tokenizer, use_logits)
+    if config.share_prefix and layout_shares and not share_prefix:
         print("prefopt: this model does not take a custom 4-D attention mask; prompts are not shared")
     collator = PreferenceCollator(
         tokenizer.pad_token_id, with_kl_pairs=spec.needs_kl_pairs, share_prefix=share_prefix, pack=config.pack

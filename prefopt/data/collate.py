@@ -13,6 +13,8 @@ Layouts:
   4-D attention mask so that the rejected tokens see the prompt but not the chosen ones,
   and position ids that restart the rejected branch right after the prompt. The prompt is
   computed once instead of twice; on HH-RLHF that removes about a third of all tokens.
+  Unpaired batches with mismatched (KL) pairs use the same layout, [prompt; completion;
+  mismatched completion], since KTO's KL row i reuses example i's prompt.
   With `pack`, pairs shorter than the longest one are packed together into one sequence
   (first-fit decreasing, same width), the mask keeping each pair to itself: fewer padding
   positions, and no sequence longer than the unpacked layout's.
@@ -63,8 +65,17 @@ class PreferenceCollator:
 
     def __call__(self, examples: list) -> SequenceBatch:
         paired = isinstance(examples[0], TokenizedPair)
-        if paired and self.share_prefix:
-            return self._shared(examples)
+        if self.share_prefix and paired:
+            n = len(examples)
+            branches = [(e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in examples]
+            return self._shared(examples, branches, list(range(n)), list(range(n, 2 * n)), [])
+        if self.share_prefix and self.with_kl_pairs and examples[0].kl_completion_ids is not None:
+            # KTO: an example and its mismatched (KL) completion share the example's prompt.
+            n = len(examples)
+            branches = [(e.prompt_ids, e.completion_ids, e.kl_completion_ids) for e in examples]
+            chosen = [i for i, e in enumerate(examples) if e.label]
+            rejected = [i for i, e in enumerate(examples) if not e.label]
+            return self._shared(examples, branches, chosen, rejected, list(range(n, 2 * n)))
         return self._plain(examples, paired)
 
     def _plain(self, examples: list, paired: bool) -> SequenceBatch:
@@ -111,9 +122,10 @@ class PreferenceCollator:
             paired=paired,
         )
 
-    def _shared(self, examples: list[TokenizedPair]) -> SequenceBatch:
+    def _shared(self, examples: list, branches: list, chosen: list, rejected: list, kl: list) -> SequenceBatch:
+        """branches[i] = (prompt, first, second): logical rows i (first) and b + i (second)."""
         b = len(examples)
-        spans = [len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples]
+        spans = [len(p) + len(f) + len(r) for p, f, r in branches]
         width = max(spans)
         placement = _pack(spans, width) if self.pack else [(i, 0) for i in range(b)]
         num_sequences = 1 + max(row for row, _ in placement)
@@ -122,10 +134,10 @@ class PreferenceCollator:
         segment = torch.full((num_sequences, width), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 pad
         owner = torch.full((num_sequences, width), -1, dtype=torch.long)  # which pair a position belongs to
         sources, tokens, rows = [], [], []
-        for i, (e, (row, offset)) in enumerate(zip(examples, placement, strict=True)):
-            p, c, r = len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)
+        for i, ((prompt_ids, first_ids, second_ids), (row, offset)) in enumerate(zip(branches, placement, strict=True)):
+            p, c, r = len(prompt_ids), len(first_ids), len(second_ids)
             start = offset
-            input_ids[row, start : start + p + c + r] = _as_long(e.prompt_ids + e.chosen_ids + e.rejected_ids)
+            input_ids[row, start : start + p + c + r] = _as_long(prompt_ids + first_ids + second_ids)
             position_ids[row, start : start + p + c] = torch.arange(p + c)
             position_ids[row, start + p + c : start + p + c + r] = torch.arange(
                 p, p + r
@@ -140,7 +152,7 @@ class PreferenceCollator:
             # except the first, which is predicted from the prompt's last position like chosen's first
             sources += [last_prompt] + list(range(base + p, base + p + c - 1))
             sources += [last_prompt] + list(range(base + p + c, base + p + c + r - 1))
-            tokens += e.chosen_ids + e.rejected_ids
+            tokens += first_ids + second_ids
             rows += [i] * c + [b + i] * r
         q, k = segment[:, :, None], segment[:, None, :]
         causal = torch.ones(width, width, dtype=torch.bool).tril()
@@ -155,12 +167,12 @@ class PreferenceCollator:
             predict_token=_as_long(tokens),
             predict_row=_as_long(rows),
             num_rows=2 * b,
-            chosen_rows=torch.arange(b),
-            rejected_rows=torch.arange(b, 2 * b),
-            kl_rows=_as_long([]),
+            chosen_rows=_as_long(chosen),
+            rejected_rows=_as_long(rejected),
+            kl_rows=_as_long(kl),
             num_tokens=int((segment != 3).sum()),
             example_indices=[e.index for e in examples],
-            paired=True,
+            paired=not kl,
         )
 
 

@@ -172,6 +172,32 @@ def test_unpaired_collation_with_mismatched_kl_pairs():
     assert batch.example_indices == [0, 1, 2]
 
 
+def test_unpaired_kl_pairs_share_the_prompt_in_the_shared_layout():
+    """[prompt; completion; mismatched completion] per example: same logical rows and tokens as the plain layout."""
+    tok = byte_tokenizer()
+    t = PreferenceTokenizer(tok, 64)
+    singles = [
+        t.single(SingleExample("p1", "aa", True, "x"), 0),
+        t.single(SingleExample("p2", "b", False, "y"), 1),
+        t.single(SingleExample("p3", "ccc", True, "z"), 2),
+    ]
+    attach_mismatched_completions(singles, max_length=64)
+    plain = PreferenceCollator(pad_id=tok.pad_token_id, with_kl_pairs=True)(singles)
+    shared = PreferenceCollator(pad_id=tok.pad_token_id, with_kl_pairs=True, share_prefix=True, pack=False)(singles)
+    assert shared.input_ids.shape[0] == 3 and plain.input_ids.shape[0] == 6
+    assert tok.decode(shared.input_ids[0, :7].tolist()) == "p1aa<|endoftext|>b<|endoftext|>"  # then padding
+    assert shared.position_ids[0, :7].tolist() == [0, 1, 2, 3, 4, 2, 3]  # the KL branch restarts after the prompt
+    for name in ("chosen_rows", "rejected_rows", "kl_rows"):
+        assert getattr(shared, name).tolist() == getattr(plain, name).tolist(), name
+    assert not shared.paired
+    for row in range(6):  # every logical row predicts the same tokens in both layouts
+        assert (
+            shared.predict_token[shared.predict_row == row].tolist()
+            == plain.predict_token[plain.predict_row == row].tolist()
+        )
+    assert shared.num_tokens == plain.num_tokens - 6  # three prompts of two tokens computed once instead of twice
+
+
 def test_mismatched_completions_skip_the_other_half_of_a_pair():
     """pairs_to_singles puts a pair's two halves next to each other; the n//2 offset keeps them apart."""
     tok = byte_tokenizer()
