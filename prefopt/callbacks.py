@@ -64,10 +64,11 @@ class GradientGuard(TrainerCallback):
         self.trainer = trainer
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        # The largest |g| is NaN/inf iff some gradient entry is, and (unlike a 2-norm) cannot
-        # overflow in low precision; one fused pass instead of an isfinite test per parameter.
-        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=float("inf"))):
+        norm, self.trainer.step_grad_norm = self.trainer.step_grad_norm, None
+        if norm is None:  # the trainer did not see this step's norm: take the largest |g| (NaN/inf iff one is)
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads, norm_type=float("inf")) if grads else 0.0
+        if not math.isfinite(float(norm)):
             self.trainer.nonfinite("gradient", self.trainer.last_example_indices)
             for p in model.parameters():
                 p.grad = None  # optimizers skip parameters without a gradient

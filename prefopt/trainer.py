@@ -78,6 +78,7 @@ class PreferenceTrainer(Trainer):
         self.skip_nonfinite = skip_nonfinite  # how many bad batches may still be skipped
         self.skipped_batches: list[str] = []
         self.last_example_indices: list[int] = []
+        self.step_grad_norm = None  # set by _get_grad_norm each optimizer step
         # Our loss is a mean over each micro-batch: the Trainer must divide by the accumulation steps.
         self.loss_is_scaled_for_ga = False
         self._window: dict[str, list[float]] = defaultdict(list)
@@ -141,6 +142,14 @@ class PreferenceTrainer(Trainer):
             "is kept: fix the data or lower the learning rate, then continue with --resume "
             "(or pass --skip-nonfinite N to skip such batches)"
         )
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # transformers computes the total (pre-clip) gradient norm here every step; GradientGuard
+        # reads it instead of making another pass over every gradient (it makes its own if a
+        # transformers version stops calling this).
+        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self.step_grad_norm = norm
+        return norm
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = SequenceBatch(**inputs)

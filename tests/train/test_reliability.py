@@ -149,6 +149,26 @@ def test_nonfinite_loss_stops_with_step_and_examples(tmp_path, tiny_model_dir):
     assert result.trainer.skipped_batches[0].startswith("step 3: loss")
 
 
+def test_nonfinite_gradient_stops_with_step_and_examples(tmp_path, tiny_model_dir):
+    """A finite loss with a NaN gradient: sqrt(0 * logp) is 0 forward, but d/dx = 0.5 / sqrt(0) * 0 = inf * 0 = NaN."""
+    calls = {"n": 0}
+
+    @register_loss("test_nan_gradient_on_third_call", needs_reference=False, replace=True)
+    def nan_gradient_loss(inputs, *, beta: float = 0.1) -> LossOutput:
+        calls["n"] += 1
+        loss = -inputs.policy_chosen_logps.mean() * beta
+        if calls["n"] == 3:
+            loss = loss + (inputs.policy_chosen_logps * 0).sum().sqrt()
+        return LossOutput(loss)
+
+    with pytest.raises(PrefoptError, match=r"non-finite gradient at step 3 \(examples .*standard.jsonl:\d+"):
+        run(tmp_path / "a", tiny_model_dir, loss="test_nan_gradient_on_third_call", max_steps=5, save_steps=2)
+    calls["n"] = 0
+    result = run(tmp_path / "b", tiny_model_dir, loss="test_nan_gradient_on_third_call", max_steps=5, skip_nonfinite=1)
+    assert result.steps == 5 and result.trainer.skipped_batches[0].startswith("step 3: gradient")
+    assert all(torch.isfinite(t).all() for t in load_file(result.final_dir / "model.safetensors").values())
+
+
 PAIRWISE = [n for n in available_losses() if get_loss_spec(n).paired and not n.startswith("test_")]
 
 
