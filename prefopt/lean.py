@@ -173,7 +173,10 @@ def make_lean(model: nn.Module) -> dict[str, int]:
             continue
         lean_cls = _lean_class(cls, kind)
         if cls not in verdict:
-            verdict[cls] = _agrees(module, lean_cls, width)
+            try:
+                verdict[cls] = _agrees(module, lean_cls, width)
+            except (RuntimeError, TypeError, ValueError, NotImplementedError):  # e.g. weights on "meta": keep stock
+                verdict[cls] = False
         if verdict[cls]:
             module.__class__ = lean_cls
             counts[kind] += 1
