@@ -3,6 +3,7 @@ it cannot prove equal (LoRA-wrapped projections, other norm formulas) keep their
 
 import copy
 
+import pytest
 import torch
 from helpers import tiny_llama
 from torch import nn
@@ -110,3 +111,51 @@ def test_no_grad_and_eval_use_the_stock_forward():
     with torch.no_grad():
         out = lean(input_ids=ids).logits
     assert out.grad_fn is None and torch.isfinite(out).all()
+
+
+def _tiny(architecture: str):
+    import transformers
+
+    config_cls, model_cls = {
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+    }[architecture]
+    config = config_cls(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = model_cls(config).train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize(
+    "architecture,expected",
+    [
+        ("qwen2", {"rmsnorm": 5, "swiglu": 2}),
+        ("qwen3", {"rmsnorm": 9, "swiglu": 2}),  # + per-head q_norm and k_norm in each layer
+        ("mistral", {"rmsnorm": 5, "swiglu": 2}),
+        ("gemma", {"rmsnorm": 0, "swiglu": 0}),  # (1 + w) norms and a GELU-tanh MLP: not the lean formulas
+    ],
+)
+def test_other_architectures_switch_only_what_matches(architecture, expected):
+    stock = _tiny(architecture)
+    lean = copy.deepcopy(stock)
+    assert make_lean(lean) == expected
+    ids = torch.randint(1, 97, (2, 13), generator=torch.Generator().manual_seed(0))
+    stock_logits, stock_grads = _forward_backward(stock, ids)
+    lean_logits, lean_grads = _forward_backward(lean, ids)
+    assert torch.allclose(stock_logits, lean_logits, rtol=1e-6, atol=1e-6)
+    for name, grad in stock_grads.items():
+        assert ((grad - lean_grads[name]).norm() / grad.norm()).item() < 1e-5, name
