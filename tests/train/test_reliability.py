@@ -113,7 +113,8 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_model_
     out = tmp_path / "term"
     env = {**os.environ, "PREFOPT_CACHE": str(tmp_path / "cache")}
     proc = subprocess.Popen(
-        _cli(tmp_path, tiny_model_dir, out, "--save-steps", "1000"),
+        # far more steps than can finish before the signal arrives (40 tiny steps can take under a second)
+        _cli(tmp_path, tiny_model_dir, out, "--save-steps", "100000", "--max-steps", "100000"),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
