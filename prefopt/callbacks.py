@@ -79,6 +79,7 @@ class StopOnSignal(TrainerCallback):
 
     def __init__(self):
         self.received: str | None = None
+        self.stopped = False  # True once a signal cut training short (after a step, with a checkpoint)
 
     def handle(self, signum, frame):
         self.received = signal.Signals(signum).name
@@ -87,3 +88,4 @@ class StopOnSignal(TrainerCallback):
         if self.received:
             control.should_save = True
             control.should_training_stop = True
+            self.stopped = True

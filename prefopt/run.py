@@ -274,16 +274,23 @@ def train(config: TrainConfig, callbacks: list | None = None, save_final: bool =
     # Signal handlers can only be set from the main thread (a notebook's cells run there).
     in_main = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, stopper.handle) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+
+    def restore_signals():
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except PrefoptError as error:
+        restore_signals()
         last = _newest_checkpoint(output_dir)
         raise type(error)(f"{error}; last good checkpoint: {last.name if last else 'none yet'}") from None
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    except BaseException:
+        restore_signals()
+        raise
     seconds = time.time() - started
-    if stopper.received:
+    if stopper.stopped:
+        restore_signals()
         print(
             f"prefopt: {stopper.received} received: stopped at step {trainer.state.global_step} and saved a "
             f"checkpoint; continue with: prefopt train --config {output_dir / 'config.yaml'} --resume"
@@ -300,14 +307,19 @@ def train(config: TrainConfig, callbacks: list | None = None, save_final: bool =
             trainer,
             interrupted=stopper.received,
         )
-    eval_after = trainer.evaluate() if eval_items else {}
-
-    final_dir = output_dir / "final"
-    if save_final:
-        trainer.save_model(str(final_dir))  # writes on the main process only
-        if is_main:
-            tokenizer.save_pretrained(str(final_dir))
-            (final_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.yaml holds the settings
+    # Training is done: a signal from here on is noted, not obeyed, so final/ is never left half-written.
+    try:
+        eval_after = trainer.evaluate() if eval_items else {}
+        final_dir = output_dir / "final"
+        if save_final:
+            trainer.save_model(str(final_dir))  # writes on the main process only
+            if is_main:
+                tokenizer.save_pretrained(str(final_dir))
+                (final_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.yaml has the settings
+    finally:
+        restore_signals()
+    if stopper.received:
+        print(f"prefopt: {stopper.received} received after the last step; the run finished and saved final/ first")
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     last = logs[-1] if logs else {}
     summary = {

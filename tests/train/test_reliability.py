@@ -13,8 +13,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from prefopt.config import TrainConfig
 from prefopt.errors import PrefoptError
 from prefopt.losses import LossOutput, available_losses, get_loss_spec, register_loss
+from prefopt.run import train
 
 from .conftest import read_metrics, train_argv
 from .test_losses_end_to_end import SAMPLES, run
@@ -36,9 +38,6 @@ class StopAfter(TrainerCallback):
 def test_resume_logs_the_same_losses_as_the_uninterrupted_run(tmp_path, tiny_model_dir):
     settings = dict(max_steps=6, save_steps=3, batch_size=2, num_epochs=1)
     straight = run(tmp_path / "straight", tiny_model_dir, **settings)
-    from prefopt import TrainConfig
-    from prefopt.run import train
-
     config = dict(
         model=tiny_model_dir,
         data=[str(SAMPLES / "standard.jsonl")],
@@ -127,6 +126,31 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_model_
     assert proc.returncode == 130
     assert "SIGTERM received: stopped at step" in stdout and "--resume" in stdout
     assert any(p.name.startswith("checkpoint-") for p in out.iterdir())
+
+
+class _SignalAtTrainEnd(TrainerCallback):
+    """Sends SIGTERM to this process after the last step, before prefopt evaluates and saves final/."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_signal_after_the_last_step_still_saves_final(tmp_path, tiny_model_dir, capsys):
+    before = signal.getsignal(signal.SIGTERM)
+    config = TrainConfig(
+        model=tiny_model_dir,
+        data=[str(SAMPLES / "standard.jsonl")],
+        output_dir=str(tmp_path / "run"),
+        max_steps=3,
+        batch_size=2,
+        max_length=96,
+        save_steps=100,
+    )
+    result = train(config, callbacks=[_SignalAtTrainEnd()])
+    assert result.steps == 3 and not result.interrupted
+    assert (result.final_dir / "model.safetensors").exists() and (result.output_dir / "summary.json").exists()
+    assert "SIGTERM received after the last step" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
 
 
 def test_nonfinite_loss_stops_with_step_and_examples(tmp_path, tiny_model_dir):
