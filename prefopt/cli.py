@@ -79,21 +79,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides["loss_args"] = dict(overrides["loss_args"])
     try:
         result = train(build_config(load_yaml(args.config) if args.config else {}, overrides))
-    finally:
-        _leave_process_group()
+    except BaseException:
+        _leave_process_group(wait_for_others=False)  # a failed peer might never reach a barrier
+        raise
+    _leave_process_group(wait_for_others=True)
     return 130 if result.interrupted else 0
 
 
-def _leave_process_group() -> None:
+def _leave_process_group(wait_for_others: bool) -> None:
     """Under torchrun / accelerate launch, close the process group before the interpreter exits.
 
     Left open, gloo's worker threads are torn down during interpreter shutdown, which sometimes
     aborts a process ("terminate called without an active exception") after a successful run.
-    The CLI owns its process, so it closes the group; `train()` in a notebook leaves it to the caller.
+    After a successful run the processes first wait for each other, so none tears its group down
+    while the main process is still writing final/. The CLI owns its process, so it closes the
+    group; `train()` in a notebook leaves that to the caller.
     """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if wait_for_others:
+            dist.barrier()
         dist.destroy_process_group()
 
 
