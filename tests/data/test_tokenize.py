@@ -154,7 +154,7 @@ def test_shared_prefix_layout_packs_short_pairs_into_one_sequence():
     assert batch.predict_token.tolist() == unpacked.predict_token.tolist()
 
 
-def test_unpaired_collation_with_mismatched_kl_pairs():
+def _three_singles_with_kl_pairs():
     tok = byte_tokenizer()
     t = PreferenceTokenizer(tok, 64)
     singles = [
@@ -163,6 +163,11 @@ def test_unpaired_collation_with_mismatched_kl_pairs():
         t.single(SingleExample("p3", "ccc", True, "z"), 2),
     ]
     attach_mismatched_completions(singles, max_length=64)  # n = 3: example i gets completion i + 1 (mod 3)
+    return tok, singles
+
+
+def test_unpaired_collation_with_mismatched_kl_pairs():
+    tok, singles = _three_singles_with_kl_pairs()
     batch = PreferenceCollator(pad_id=tok.pad_token_id, with_kl_pairs=True)(singles)
     assert batch.chosen_rows.tolist() == [0, 2] and batch.rejected_rows.tolist() == [1]
     assert batch.kl_rows.tolist() == [3, 4, 5] and not batch.paired
@@ -174,14 +179,7 @@ def test_unpaired_collation_with_mismatched_kl_pairs():
 
 def test_unpaired_kl_pairs_share_the_prompt_in_the_shared_layout():
     """[prompt; completion; mismatched completion] per example: same logical rows and tokens as the plain layout."""
-    tok = byte_tokenizer()
-    t = PreferenceTokenizer(tok, 64)
-    singles = [
-        t.single(SingleExample("p1", "aa", True, "x"), 0),
-        t.single(SingleExample("p2", "b", False, "y"), 1),
-        t.single(SingleExample("p3", "ccc", True, "z"), 2),
-    ]
-    attach_mismatched_completions(singles, max_length=64)
+    tok, singles = _three_singles_with_kl_pairs()
     plain = PreferenceCollator(pad_id=tok.pad_token_id, with_kl_pairs=True)(singles)
     shared = PreferenceCollator(pad_id=tok.pad_token_id, with_kl_pairs=True, share_prefix=True, pack=False)(singles)
     assert shared.input_ids.shape[0] == 3 and plain.input_ids.shape[0] == 6

@@ -26,7 +26,7 @@ def value_at_policy_equals_reference(name: str) -> float | None:
     return get_loss(name)(inputs).loss.item()
 
 
-def run(tmp_path, model_dir, **overrides):
+def run(tmp_path, model_dir, callbacks=None, **overrides):
     config = dict(
         model=model_dir,
         data=[str(SAMPLES / "standard.jsonl")],
@@ -39,7 +39,7 @@ def run(tmp_path, model_dir, **overrides):
         save_steps=100,
     )
     config.update(overrides)
-    return train(TrainConfig(**config))
+    return train(TrainConfig(**config), callbacks=callbacks)
 
 
 @pytest.mark.parametrize("name", available_losses())

@@ -137,16 +137,7 @@ class _SignalAtTrainEnd(TrainerCallback):
 
 def test_a_signal_after_the_last_step_still_saves_final(tmp_path, tiny_model_dir, capsys):
     before = signal.getsignal(signal.SIGTERM)
-    config = TrainConfig(
-        model=tiny_model_dir,
-        data=[str(SAMPLES / "standard.jsonl")],
-        output_dir=str(tmp_path / "run"),
-        max_steps=3,
-        batch_size=2,
-        max_length=96,
-        save_steps=100,
-    )
-    result = train(config, callbacks=[_SignalAtTrainEnd()])
+    result = run(tmp_path, tiny_model_dir, callbacks=[_SignalAtTrainEnd()])
     assert result.steps == 3 and not result.interrupted
     assert (result.final_dir / "model.safetensors").exists() and (result.output_dir / "summary.json").exists()
     assert "SIGTERM received after the last step" in capsys.readouterr().out
