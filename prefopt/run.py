@@ -281,12 +281,11 @@ def train(config: TrainConfig, callbacks: list | None = None, save_final: bool =
 
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except PrefoptError as error:
+    except BaseException as error:
         restore_signals()
-        last = _newest_checkpoint(output_dir)
-        raise type(error)(f"{error}; last good checkpoint: {last.name if last else 'none yet'}") from None
-    except BaseException:
-        restore_signals()
+        if isinstance(error, PrefoptError):
+            last = _newest_checkpoint(output_dir)
+            raise type(error)(f"{error}; last good checkpoint: {last.name if last else 'none yet'}") from None
         raise
     seconds = time.time() - started
     if stopper.stopped:
