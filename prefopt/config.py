@@ -81,9 +81,6 @@ class TrainConfig:
     lean_activations: bool = _help(
         "RMSNorm and SwiGLU keep fewer tensors for backward (same results, less memory)", default=True
     )
-    contiguous_buffers: bool = _help(
-        "gradients and Adam moments in one block each, allocated once (same results, less memory)", default=True
-    )
     # run management
     logging_steps: int = _help("log every N optimizer steps", default=10)
     eval_steps: int | None = _help("evaluate every N steps (default: only at the end)", default=None)

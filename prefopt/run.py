@@ -251,7 +251,6 @@ def train(config: TrainConfig, callbacks: list | None = None, save_final: bool =
         use_logits=use_logits,
         group_by_length=config.group_by_length,
         skip_nonfinite=config.skip_nonfinite,
-        contiguous_buffers=config.contiguous_buffers,
     )
     trainer.remove_callback(
         next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "ProgressCallback")
@@ -288,9 +287,6 @@ def train(config: TrainConfig, callbacks: list | None = None, save_final: bool =
             last = _newest_checkpoint(output_dir)
             raise type(error)(f"{error}; last good checkpoint: {last.name if last else 'none yet'}") from None
         raise
-    finally:
-        if trainer.buffers is not None:
-            trainer.buffers.close()
     seconds = time.time() - started
     if stopper.stopped:
         restore_signals()

@@ -19,7 +19,6 @@ import torch
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from prefopt.buffers import ContiguousBuffers
 from prefopt.data.collate import PreferenceCollator, SequenceBatch
 from prefopt.errors import PrefoptError
 from prefopt.logps import completion_states, output_head, score_completions
@@ -66,14 +65,9 @@ class PreferenceTrainer(Trainer):
         use_logits: bool = False,
         group_by_length: bool = False,
         skip_nonfinite: int = 0,
-        contiguous_buffers: bool = False,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        # One block for gradients and one for Adam's moments (prefopt/buffers.py). Distributed
-        # back ends bring their own gradient buckets and sharded states: left to them.
-        single = self.args.world_size == 1 and not self.is_deepspeed_enabled and not self.is_fsdp_enabled
-        self.buffers = ContiguousBuffers(self.model.parameters()) if contiguous_buffers and single else None
         self.loss_fn = loss_fn
         self.spec = loss_fn.spec
         self.loss_args = loss_args
@@ -149,19 +143,10 @@ class PreferenceTrainer(Trainer):
             "(or pass --skip-nonfinite N to skip such batches)"
         )
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.buffers is not None:
-            self.buffers.attach_gradients()
-            # here, not at creation: on resume the optimizer's loaded state is kept as it is
-            self.buffers.adopt_optimizer_state(self.optimizer)
-        return super().training_step(model, inputs, num_items_in_batch)
-
     def _get_grad_norm(self, model, grad_norm=None):
-        # transformers computes the total (pre-clip) gradient norm here every step, after clipping
-        # and before the optimizer step; GradientGuard reads it instead of making another pass over
-        # every gradient (it makes its own if a transformers version stops calling this).
-        if self.buffers is not None:
-            self.buffers.release_untouched()
+        # transformers computes the total (pre-clip) gradient norm here every step; GradientGuard
+        # reads it instead of making another pass over every gradient (it makes its own if a
+        # transformers version stops calling this).
         norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         self.step_grad_norm = norm
         return norm
