@@ -81,6 +81,10 @@ class TrainConfig:
     lean_activations: bool = _help(
         "RMSNorm and SwiGLU keep fewer tensors for backward (same results, less memory)", default=True
     )
+    trim_memory: bool = _help(
+        "CPU: give freed memory back to the system every few layers (glibc malloc_trim; lower peak RSS)",
+        default=True,
+    )
     # run management
     logging_steps: int = _help("log every N optimizer steps", default=10)
     eval_steps: int | None = _help("evaluate every N steps (default: only at the end)", default=None)

@@ -193,6 +193,7 @@ def train(config: TrainConfig, callbacks: list | None = None, save_final: bool =
 
     from prefopt.callbacks import ConsoleProgress, GradientGuard, MetricsFile, StopOnSignal
     from prefopt.logps import head_matches_model
+    from prefopt.memory import trim_every_layers
     from prefopt.model import load_policy
     from prefopt.trainer import DictCollator, ListDataset, PreferenceTrainer
 
@@ -279,6 +280,7 @@ def train(config: TrainConfig, callbacks: list | None = None, save_final: bool =
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
+    trimmer = trim_every_layers(model) if config.trim_memory else None
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except BaseException as error:
@@ -287,6 +289,9 @@ def train(config: TrainConfig, callbacks: list | None = None, save_final: bool =
             last = _newest_checkpoint(output_dir)
             raise type(error)(f"{error}; last good checkpoint: {last.name if last else 'none yet'}") from None
         raise
+    finally:
+        if trimmer is not None:
+            trimmer.close()
     seconds = time.time() - started
     if stopper.stopped:
         restore_signals()
