@@ -84,6 +84,7 @@ def _worker_prefopt(args) -> dict:
             chunk_size=args.chunk_size,
             share_prefix=not args.no_share_prefix,
             pack=not args.no_pack,
+            trim_memory=not args.no_trim_memory,
         )
         train(config, callbacks=[timer], save_final=False)
     return {"step_times": timer.times, "peak_rss_gb": _peak_rss_gb()}
@@ -222,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-size", type=int, default=1024, help=argparse.SUPPRESS)
     parser.add_argument("--no-share-prefix", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-pack", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-trim-memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
