@@ -146,6 +146,74 @@ class _LinearHeadLogps(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
+class _LinearHeadLogpsKL(torch.autograd.Function):
+    """`_LinearHeadLogps` plus TDPO's token KL(pi_ref || pi_theta), for bias-free linear heads.
+
+    With z the policy logits, q = softmax(z) and p the reference's distribution at that position,
+    KL = sum_v p_v log p_v - sum_v p_v z_v + logsumexp(z) (as sum_v p_v = 1), and
+    d KL / d z = q - p, d logp[target] / d z = onehot(target) - q. Forward keeps h, W, the
+    reference's h and W and one logsumexp per position each; backward recomputes both chunks of
+    logits and forms g_kl (q - p) + g_logp (onehot - q) in place: two chunk x vocabulary buffers
+    alive, where the checkpointed generic path holds about seven (logits, log-softmax, their
+    reference twins, the product and the gradients).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ref_hidden, ref_weight, chunk_size):
+        n = hidden.shape[0]
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least (float64 stays, for gradcheck)
+        logps = torch.empty(n, device=hidden.device, dtype=acc)
+        kl = torch.empty_like(logps)
+        lse, ref_lse = torch.empty_like(logps), torch.empty_like(logps)
+        for start in range(0, n, chunk_size):
+            sl = slice(start, start + chunk_size)
+            logits = F.linear(hidden[sl], weight).to(acc)
+            lse[sl] = torch.logsumexp(logits, dim=-1)
+            logps[sl] = logits.gather(-1, targets[sl, None]).squeeze(-1) - lse[sl]
+            ref_logp = F.linear(ref_hidden[sl], ref_weight).to(acc)
+            ref_lse[sl] = torch.logsumexp(ref_logp, dim=-1)
+            ref_logp.sub_(ref_lse[sl, None])
+            ref_p = ref_logp.exp()
+            # sum_v p (log p - z) + logsumexp(z), as row-wise dot products (no third buffer)
+            ref_logp.sub_(logits)
+            kl[sl] = torch.bmm(ref_p[:, None, :], ref_logp[:, :, None]).view(-1) + lse[sl]
+            del logits, ref_logp, ref_p
+        ctx.save_for_backward(hidden, weight, targets, lse, ref_hidden, ref_weight, ref_lse)
+        ctx.chunk_size = chunk_size
+        return logps, kl
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_kl):
+        hidden, weight, targets, lse, ref_hidden, ref_weight, ref_lse = ctx.saved_tensors
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        acc = lse.dtype
+        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=acc) if want_weight else None
+        if grad_logps is None:
+            grad_logps = torch.zeros_like(lse)
+        if grad_kl is None:
+            grad_kl = torch.zeros_like(lse)
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            sl = slice(start, start + ctx.chunk_size)
+            g_logp, g_kl = grad_logps[sl, None].to(acc), grad_kl[sl, None].to(acc)
+            grad_logits = F.linear(hidden[sl], weight).to(acc)
+            grad_logits.sub_(lse[sl, None]).exp_().mul_(g_kl - g_logp)  # (g_kl - g_logp) q
+            ref_p = F.linear(ref_hidden[sl], ref_weight).to(acc)
+            ref_p.sub_(ref_lse[sl, None]).exp_().mul_(g_kl)
+            grad_logits.sub_(ref_p)  # - g_kl p
+            del ref_p
+            grad_logits.scatter_add_(-1, targets[sl, None], g_logp)  # + g_logp onehot(target)
+            grad_logits = grad_logits.to(weight.dtype)
+            if want_hidden:
+                grad_hidden[sl] = grad_logits @ weight
+            if want_weight:
+                grad_weight.addmm_(grad_logits.T.to(acc), hidden[sl].to(acc))
+            del grad_logits
+        if want_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
 def _plain_linear(head: torch.nn.Module) -> bool:
     return type(head) is torch.nn.Linear and head.bias is None
 
@@ -162,6 +230,15 @@ def score_completions(
     if not want_kl and _plain_linear(head):
         token_logps = _LinearHeadLogps.apply(states.hidden, head.weight, states.targets, chunk_size)
         return _per_sequence(token_logps, states) + (None,)
+    if want_kl and _plain_linear(head) and _plain_linear(ref_head):
+        token_logps, token_kl = _LinearHeadLogpsKL.apply(
+            states.hidden, head.weight, states.targets, ref_states.hidden.detach(), ref_head.weight.detach(), chunk_size
+        )
+        logps, lengths = _per_sequence(token_logps, states)
+        kl = torch.zeros(states.num_rows, device=token_kl.device, dtype=torch.float32).index_add(
+            0, states.rows, token_kl
+        )
+        return logps, lengths, kl
     pieces_logp, pieces_kl = [], []
     grad = torch.is_grad_enabled() and states.hidden.requires_grad
     for start in range(0, states.hidden.shape[0], chunk_size):

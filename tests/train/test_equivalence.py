@@ -145,3 +145,44 @@ def test_values_do_not_depend_on_batch_neighbours_or_padding():
             alone = score_completions(head, completion_states(model, collate([short])))[0]
             mixed = score_completions(head, completion_states(model, collate([short, long])))[0]
         assert close(alone, mixed[[0, 2]]), share
+
+
+def test_fused_token_kl_gradcheck():
+    """_LinearHeadLogpsKL in float64: both outputs' gradients (w.r.t. hidden states and head weight)
+    against finite differences, with chunks that split the positions unevenly."""
+    from prefopt.logps import _LinearHeadLogpsKL
+
+    torch.manual_seed(0)
+    hidden = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 7, (5,))
+    ref_hidden, ref_weight = torch.randn(5, 4, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
+
+    def both(h, w):
+        return _LinearHeadLogpsKL.apply(h, w, targets, ref_hidden, ref_weight, 2)
+
+    assert torch.autograd.gradcheck(both, (hidden, weight))
+    logps, kl = both(hidden, weight)
+    logprobs = torch.log_softmax(hidden @ weight.T, -1)
+    ref_logprobs = torch.log_softmax(ref_hidden @ ref_weight.T, -1)
+    assert torch.allclose(logps, logprobs.gather(-1, targets[:, None]).squeeze(-1))
+    assert torch.allclose(kl, (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1))
+
+
+def test_fused_and_checkpointed_token_kl_paths_agree():
+    """TDPO's KL through the fused linear-head function and through the generic checkpointed chunks
+    (taken for heads that are not a plain bias-free Linear): same values and gradients."""
+    tok, items = tokenized("tdpo1", PAIRS + [LONG_PAIR])
+    results = []
+    for wrap in (False, True):
+        model, ref = tiny_llama(0).train(), tiny_llama(1)
+        batch = PreferenceCollator(tok.pad_token_id, share_prefix=True)(items)
+        _, ref_states, ref_head = ModelReference(ref, chunk_size=3)(model, batch, keep_states=True)
+        head = torch.nn.Sequential(output_head(model)) if wrap else output_head(model)
+        logps, _, kl = score_completions(head, completion_states(model, batch), 3, ref_head, ref_states)
+        (logps.sum() + 3 * kl.sum()).backward()
+        results.append((logps.detach(), kl.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (logps_a, kl_a, grads_a), (logps_b, kl_b, grads_b) = results
+    assert close(logps_a, logps_b) and close(kl_a, kl_b)
+    for name, grad in grads_a.items():
+        assert ((grad - grads_b[name]).norm() / grad.norm().clamp(min=1e-12)).item() < 1e-5, name
