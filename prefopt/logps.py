@@ -5,11 +5,11 @@ Memory: the B x T x V logits tensor is never built. The model runs once with
 PEFT wrappers see a normal call); the output head is then applied only at completion
 positions, in chunks of `chunk_size` tokens, so at most one chunk of logits (chunk_size x V)
 is alive at a time, in forward and in backward: for a plain linear head through a fused
-autograd function (`_LinearHeadLogps`), otherwise (and for TDPO's KL) through activation
-checkpointing per chunk.
+autograd function (`_LinearHeadLogps`), otherwise through activation checkpointing per chunk.
 
 TDPO's KL(pi_ref(.|x,y<t) || pi_theta(.|x,y<t)) is computed in the same chunks from the
-reference's hidden states at the same positions (full vocabulary), then summed per sequence.
+reference's hidden states at the same positions (full vocabulary), then summed per sequence:
+fused (`_LinearHeadLogpsKL`) when both heads are plain linear layers, else checkpointed.
 """
 
 from __future__ import annotations
