@@ -99,6 +99,15 @@ def _chunk_scores(head_weight_owner, hidden, targets, ref_hidden, ref_head):
     return token_logps, kl
 
 
+def _head_backward(grad_logits, hidden, weight, sl, grad_hidden, grad_weight) -> None:
+    """One chunk's d loss / d logits -> the hidden states' rows `sl` and the head weight (accumulated)."""
+    grad_logits = grad_logits.to(weight.dtype)
+    if grad_hidden is not None:
+        grad_hidden[sl] = grad_logits @ weight
+    if grad_weight is not None:
+        grad_weight.addmm_(grad_logits.T.to(grad_weight.dtype), hidden[sl].to(grad_weight.dtype))
+
+
 class _LinearHeadLogps(torch.autograd.Function):
     """log softmax(h W^T)[target] per position, chunk by chunk, for a bias-free linear head.
 
@@ -135,11 +144,7 @@ class _LinearHeadLogps(torch.autograd.Function):
             grad_logits = F.linear(hidden[sl], weight).float()
             grad_logits.sub_(lse[sl, None]).exp_().mul_(-g)  # -g * softmax
             grad_logits.scatter_add_(-1, targets[sl, None], g)  # + g * onehot(target)
-            grad_logits = grad_logits.to(weight.dtype)
-            if want_hidden:
-                grad_hidden[sl] = grad_logits @ weight
-            if want_weight:
-                grad_weight.addmm_(grad_logits.T.float(), hidden[sl].float())
+            _head_backward(grad_logits, hidden, weight, sl, grad_hidden, grad_weight)
             del grad_logits
         if want_weight:
             grad_weight = grad_weight.to(weight.dtype)
@@ -203,11 +208,7 @@ class _LinearHeadLogpsKL(torch.autograd.Function):
             grad_logits.sub_(ref_p)  # - g_kl p
             del ref_p
             grad_logits.scatter_add_(-1, targets[sl, None], g_logp)  # + g_logp onehot(target)
-            grad_logits = grad_logits.to(weight.dtype)
-            if want_hidden:
-                grad_hidden[sl] = grad_logits @ weight
-            if want_weight:
-                grad_weight.addmm_(grad_logits.T.to(acc), hidden[sl].to(acc))
+            _head_backward(grad_logits, hidden, weight, sl, grad_hidden, grad_weight)
             del grad_logits
         if want_weight:
             grad_weight = grad_weight.to(weight.dtype)
