@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from prefopt.compat import attention_implementation
+
 
 @dataclass
 class CompletionStates:
@@ -44,8 +46,7 @@ def _attention_mask(model, mask: torch.Tensor) -> torch.Tensor:
     SDPA as booleans and to eager attention as an additive float mask."""
     if mask.dim() != 4:
         return mask
-    config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", "sdpa") == "sdpa":
+    if attention_implementation(model) == "sdpa":
         return mask
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
@@ -260,6 +261,25 @@ def score_completions(
         token_kl = torch.cat(pieces_kl) if pieces_kl else torch.zeros(0, device=device)
         kl = torch.zeros(states.num_rows, device=device, dtype=torch.float32).index_add(0, states.rows, token_kl)
     return logps, lengths, kl
+
+
+def score_model(
+    model,
+    batch,
+    use_logits: bool = False,
+    chunk_size: int = 1024,
+    ref_head: torch.nn.Module | None = None,
+    ref_states: CompletionStates | None = None,
+):
+    """One forward of `model` over `batch`, then its completion scores.
+
+    Returns ((logps, lengths, kl), states, head): the scores of `score_completions`, and the
+    states and head that produced them (a reference hands these to the policy for token KL).
+    With use_logits the model's own logits are scored (the head is the identity).
+    """
+    states = completion_states(model, batch, use_logits)
+    head = torch.nn.Identity() if use_logits else output_head(model)
+    return score_completions(head, states, chunk_size, ref_head, ref_states), states, head
 
 
 def _per_sequence(token_logps: torch.Tensor, states: CompletionStates) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,8 @@ import ctypes.util
 
 import torch
 
+from prefopt.compat import no_split_module_names
+
 
 def _malloc_trim():
     """glibc's malloc_trim, or None where the C library has none."""
@@ -38,9 +40,7 @@ def _malloc_trim():
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's repeated blocks: modules whose class transformers lists in `_no_split_modules`."""
-    names = set()
-    for module in model.modules():
-        names.update(getattr(module, "_no_split_modules", None) or [])
+    names = no_split_module_names(model)
     return [m for m in model.modules() if type(m).__name__ in names]
 
 

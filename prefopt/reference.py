@@ -8,6 +8,7 @@ needs and the config (`auto` = cheapest correct one), never from the loss's name
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -17,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from prefopt.config import ConfigError
 from prefopt.data.collate import SequenceBatch
-from prefopt.logps import completion_states, output_head, score_completions
+from prefopt.logps import score_model
 
 CACHE_VERSION = "1"
 
@@ -37,16 +38,12 @@ class ModelReference:
         model = policy if self.disable_adapter else self.model
         was_training = model.training
         model.eval()  # no dropout in the reference
+        adapter_off = policy.disable_adapter() if self.disable_adapter else contextlib.nullcontext()
         try:
-            if self.disable_adapter:
-                with policy.disable_adapter():
-                    states = completion_states(model, batch, self.use_logits)
-            else:
-                states = completion_states(model, batch, self.use_logits)
+            with adapter_off:
+                (logps, _, _), states, head = score_model(model, batch, self.use_logits, self.chunk_size)
         finally:
             model.train(was_training)
-        head = torch.nn.Identity() if self.use_logits else output_head(model)
-        logps, _, _ = score_completions(head, states, self.chunk_size)
         return logps, (states if keep_states else None), head
 
 

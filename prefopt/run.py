@@ -7,6 +7,7 @@ reported in seconds, not after a model load.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -39,7 +40,7 @@ class TrainResult:
     output_dir: Path
     final_dir: Path
     steps: int
-    metrics: dict  # the last training log
+    metrics: dict = field(default_factory=dict)  # the last training log
     eval_before: dict = field(default_factory=dict)
     eval_after: dict = field(default_factory=dict)
     reference: str = ""
@@ -101,18 +102,18 @@ def _tokenize(examples: list, tokenizer, config: TrainConfig, spec: LossSpec, la
 
 
 def _training_arguments(config: TrainConfig, has_eval: bool):
-    from transformers import TrainingArguments
+    from prefopt.trainer import PreferenceArguments
 
     cuda = torch.cuda.is_available()
     autocast_bf16 = cuda and config.dtype == "auto" and torch.cuda.is_bf16_supported()
-    return TrainingArguments(
+    return PreferenceArguments(
         output_dir=config.output_dir,
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=config.warmup_ratio,
+        warmup_ratio=config.warmup_ratio,
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         num_train_epochs=config.num_epochs,
@@ -125,7 +126,7 @@ def _training_arguments(config: TrainConfig, has_eval: bool):
         eval_strategy="steps" if has_eval and config.eval_steps else "no",
         eval_steps=config.eval_steps,
         seed=config.seed,
-        gradient_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing=config.gradient_checkpointing,
         bf16=autocast_bf16,
         use_cpu=not cuda,
         report_to=config.report_to or "none",
@@ -137,17 +138,16 @@ def _training_arguments(config: TrainConfig, has_eval: bool):
 def _shared_prefix_works(model, tokenizer, use_logits: bool) -> bool:
     """Does this model honour a custom 4-D mask and position ids? Compare both layouts on one pair."""
     from prefopt.data import PairExample
-    from prefopt.logps import completion_states, output_head, score_completions
+    from prefopt.logps import score_model
 
     pair = PreferenceTokenizer(tokenizer, 64).pair(PairExample("Is the sky blue?", " Yes, it is.", " No.", ""), 0)
     device = next(model.parameters()).device
-    head = torch.nn.Identity() if use_logits else output_head(model)
     results = []
     with torch.no_grad():
         for share in (False, True):
             batch = PreferenceCollator(tokenizer.pad_token_id, share_prefix=share)([pair]).to(device)
             try:
-                results.append(score_completions(head, completion_states(model, batch, use_logits))[0])
+                results.append(score_model(model, batch, use_logits)[0][0])
             except Exception:  # a model that rejects 4-D masks or position ids: use the plain layout
                 return False
     return torch.allclose(results[0], results[1], atol=1e-3, rtol=1e-4)
@@ -188,33 +188,87 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 
 def train(config: TrainConfig, callbacks: list | None = None, save_final: bool = True) -> TrainResult:
-    """Run training as `config` says; extra transformers `callbacks` are added to the trainer."""
+    """Run training as `config` says; extra transformers `callbacks` are added to the trainer.
+
+    Ctrl-C (SIGINT; a kernel interrupt in a notebook) or SIGTERM finishes the current step and
+    saves a checkpoint; then SIGINT raises KeyboardInterrupt and SIGTERM returns a result with
+    `interrupted` set. Signal handlers are restored however the run ends.
+    """
     from transformers import set_seed
 
-    from prefopt.callbacks import ConsoleProgress, GradientGuard, MetricsFile, StopOnSignal
-    from prefopt.logps import head_matches_model
-    from prefopt.memory import trim_every_layers
-    from prefopt.model import load_policy
-    from prefopt.trainer import DictCollator, ListDataset, PreferenceTrainer
+    spec, loss_args = _resolve_loss(config)
+    reference_mode = choose_reference(spec, config)
+    set_seed(config.seed)
+    # Data errors are reported before the output folder is touched, so fixing them needs no --overwrite.
+    train_examples, eval_examples, _ = _prepare_examples(config, spec)
+    output_dir, is_main = _claim_output_dir(config)
+    trainer, stopper = _build_trainer(
+        config, spec, loss_args, reference_mode, output_dir, train_examples, eval_examples, callbacks
+    )
+    checkpoint = _resume_point(config, output_dir, trainer, is_main)
+    has_eval = trainer.eval_dataset is not None
+    eval_before = trainer.evaluate(metric_key_prefix="eval_before") if has_eval and not checkpoint else {}
+    eval_after, final_dir = {}, output_dir / "final"
+    with _signals_and_memory(trainer.model, stopper, config.trim_memory):
+        seconds = _fit(trainer, checkpoint, output_dir)
+        if not stopper.stopped:
+            # Training is done: a signal from here on is noted, not obeyed, so final/ is never half-written.
+            eval_after = trainer.evaluate() if has_eval else {}
+            if save_final:
+                _save_final(trainer, final_dir, is_main)
+    if stopper.stopped:
+        return _stopped_early(stopper, trainer, output_dir, eval_before, reference_mode)
+    if stopper.received:
+        print(f"prefopt: {stopper.received} received after the last step; the run finished and saved final/ first")
+    last = next((entry for entry in reversed(trainer.state.log_history) if "loss" in entry), {})
+    summary = _summary(trainer, last, seconds, reference_mode, eval_before, eval_after)
+    if is_main:
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        _print_summary(summary, final_dir, paired=spec.paired)
+    return TrainResult(
+        output_dir=output_dir,
+        final_dir=final_dir,
+        steps=trainer.state.global_step,
+        metrics=last,
+        eval_before=eval_before,
+        eval_after=eval_after,
+        reference=reference_mode,
+        summary=summary,
+        trainer=trainer,
+    )
 
+
+def _resolve_loss(config: TrainConfig) -> tuple[LossSpec, dict]:
+    """The loss's spec and its resolved hyperparameters (user losses imported first)."""
     for module in config.loss_module:
         import_loss_module(module)
     spec = get_loss_spec(config.loss)
     loss_args = spec.resolve(config.loss_args)
     if not config.data:
         raise ConfigError("no training data: pass --data FILE (or `data:` in the YAML)")
-    reference_mode = choose_reference(spec, config)
-    set_seed(config.seed)
-    # Data errors are reported before the output folder is touched, so fixing them needs no --overwrite.
-    train_examples, eval_examples, _ = _prepare_examples(config, spec)
-    # Several processes (torchrun / accelerate launch): only the first one checks and writes the folder.
+    return spec, loss_args
+
+
+def _claim_output_dir(config: TrainConfig) -> tuple[Path, bool]:
+    """(output folder, is this the main process). Several processes (torchrun / accelerate
+    launch): only the first one checks and writes the folder."""
     is_main = int(os.environ.get("RANK", "0")) == 0
-    if is_main:
-        output_dir = prepare_output_dir(config.output_dir, config.resume, config.overwrite)
-        if not config.resume:
-            config.save(output_dir / "config.yaml")
-    else:
-        output_dir = Path(config.output_dir)
+    if not is_main:
+        return Path(config.output_dir), False
+    output_dir = prepare_output_dir(config.output_dir, config.resume, config.overwrite)
+    if not config.resume:
+        config.save(output_dir / "config.yaml")
+    return output_dir, True
+
+
+def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_examples, eval_examples, callbacks):
+    """Load the policy, tokenize, pick the batch layout and reference; the trainer with its callbacks."""
+    from transformers.trainer_callback import ProgressCallback
+
+    from prefopt.callbacks import ConsoleProgress, GradientGuard, MetricsFile, StopOnSignal
+    from prefopt.logps import head_matches_model
+    from prefopt.model import load_policy
+    from prefopt.trainer import DictCollator, ListDataset, PreferenceTrainer
 
     model, tokenizer = load_policy(config)
     train_items = _tokenize(train_examples, tokenizer, config, spec, "train")
@@ -253,122 +307,150 @@ def train(config: TrainConfig, callbacks: list | None = None, save_final: bool =
         group_by_length=config.group_by_length,
         skip_nonfinite=config.skip_nonfinite,
     )
-    trainer.remove_callback(
-        next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "ProgressCallback")
-    )
-    trainer.add_callback(ConsoleProgress())
+    # In a terminal, transformers' tqdm bar becomes ours (one short line per log). In a notebook
+    # transformers installs its notebook bar instead (or plain lines with tqdm disabled): kept.
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(ConsoleProgress())
     trainer.add_callback(MetricsFile(output_dir / "metrics.jsonl"))
     trainer.add_callback(GradientGuard(trainer))
     stopper = StopOnSignal()
     trainer.add_callback(stopper)
     for callback in callbacks or []:
         trainer.add_callback(callback)
+    return trainer, stopper
 
+
+def _resume_point(config: TrainConfig, output_dir: Path, trainer, is_main: bool) -> Path | None:
+    """The checkpoint to continue from (None: start at step 0); prefopt's own state restored."""
     checkpoint = _newest_checkpoint(output_dir) if config.resume else None
+    if checkpoint:
+        trainer.restore_prefopt_state(checkpoint)
     if config.resume and is_main:
         step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
         _trim_metrics(output_dir / "metrics.jsonl", step)
         print(f"prefopt: resuming from {checkpoint}" if checkpoint else "prefopt: no checkpoint yet; starting over")
-    eval_before = trainer.evaluate(metric_key_prefix="eval_before") if eval_items and not checkpoint else {}
-    trainer.start_clock()
-    started = time.time()
+    return checkpoint
+
+
+@contextlib.contextmanager
+def _signals_and_memory(model, stopper, trim_memory: bool):
+    """While training and saving: SIGINT/SIGTERM go to `stopper` (finish the step, then save)
+    and freed memory is trimmed every few layers. Both are undone however the block ends."""
+    from prefopt.memory import trim_every_layers
+
     # Signal handlers can only be set from the main thread (a notebook's cells run there).
     in_main = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, stopper.handle) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
-
-    def restore_signals():
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-    trimmer = trim_every_layers(model) if config.trim_memory else None
+    trimmer = trim_every_layers(model) if trim_memory else None
     try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except BaseException as error:
-        restore_signals()
-        if isinstance(error, PrefoptError):
-            last = _newest_checkpoint(output_dir)
-            raise type(error)(f"{error}; last good checkpoint: {last.name if last else 'none yet'}") from None
-        raise
+        yield
     finally:
         if trimmer is not None:
             trimmer.close()
-    seconds = time.time() - started
-    if stopper.stopped:
-        restore_signals()
-        print(
-            f"prefopt: {stopper.received} received: stopped at step {trainer.state.global_step} and saved a "
-            f"checkpoint; continue with: prefopt train --config {output_dir / 'config.yaml'} --resume"
-        )
-        return TrainResult(
-            output_dir,
-            output_dir / "final",
-            trainer.state.global_step,
-            {},
-            eval_before,
-            {},
-            reference_mode,
-            {},
-            trainer,
-            interrupted=stopper.received,
-        )
-    # Training is done: a signal from here on is noted, not obeyed, so final/ is never left half-written.
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _fit(trainer, checkpoint: Path | None, output_dir: Path) -> float:
+    """trainer.train from `checkpoint`; returns the wall seconds. A prefopt error names the last good checkpoint."""
+    trainer.start_clock()
+    started = time.time()
     try:
-        eval_after = trainer.evaluate() if eval_items else {}
-        final_dir = output_dir / "final"
-        if save_final:
-            trainer.save_model(str(final_dir))  # writes on the main process only
-            if is_main:
-                tokenizer.save_pretrained(str(final_dir))
-                (final_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.yaml has the settings
-    finally:
-        restore_signals()
-    if stopper.received:
-        print(f"prefopt: {stopper.received} received after the last step; the run finished and saved final/ first")
-    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    last = logs[-1] if logs else {}
-    summary = {
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except PrefoptError as error:
+        last = _newest_checkpoint(output_dir)
+        raise type(error)(f"{error}; last good checkpoint: {last.name if last else 'none yet'}") from None
+    return time.time() - started
+
+
+def _save_final(trainer, final_dir: Path, is_main: bool) -> None:
+    trainer.save_model(str(final_dir))  # writes on the main process only
+    if is_main:
+        trainer.processing_class.save_pretrained(str(final_dir))
+        (final_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.yaml has the settings
+
+
+def _stopped_early(stopper, trainer, output_dir: Path, eval_before: dict, reference_mode: str) -> TrainResult:
+    """A signal cut the run short (a checkpoint is saved): say how to resume; SIGINT raises."""
+    step = trainer.state.global_step
+    message = (
+        f"{stopper.received} received: stopped at step {step} and saved a checkpoint; "
+        f"continue with: prefopt train --config {output_dir / 'config.yaml'} --resume"
+    )
+    print(f"prefopt: {message}")
+    if stopper.received == "SIGINT":
+        raise KeyboardInterrupt(message)
+    return TrainResult(
+        output_dir=output_dir,
+        final_dir=output_dir / "final",
+        steps=step,
+        eval_before=eval_before,
+        reference=reference_mode,
+        trainer=trainer,
+        interrupted=stopper.received,
+    )
+
+
+def _summary(trainer, last: dict, seconds: float, reference_mode: str, eval_before: dict, eval_after: dict) -> dict:
+    return {
         "steps": trainer.state.global_step,
         "seconds": round(seconds, 2),
         "tokens_per_s": last.get("tokens_per_s"),
         "final_loss": last.get("loss"),
         "reward_accuracy": last.get("rewards/accuracies"),
         "reward_margin": last.get("rewards/margins"),
+        "reward_chosen": last.get("rewards/chosen"),
+        "reward_rejected": last.get("rewards/rejected"),
+        "kl": last.get("kl"),
         "reference": reference_mode,
         "eval_before": eval_before,
         "eval_after": eval_after,
     }
-    if is_main:
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        _print_summary(summary, final_dir)
-    return TrainResult(
-        output_dir,
-        final_dir,
-        trainer.state.global_step,
-        last,
-        eval_before,
-        eval_after,
-        reference_mode,
-        summary,
-        trainer,
-    )
 
 
 def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _print_summary(summary: dict, final_dir: Path) -> None:
-    print(
-        f"prefopt: done: {summary['steps']} steps in {summary['seconds']:.1f}s, "
-        f"{_fmt(summary['tokens_per_s'])} tokens/s, loss {_fmt(summary['final_loss'])}, "
-        f"reward accuracy {_fmt(summary['reward_accuracy'])}, margin {_fmt(summary['reward_margin'])}"
-    )
+def _reward_parts(values: dict, paired: bool) -> list[str]:
+    """The reward figures this loss reported, in words (unpaired data: desirable/undesirable)."""
+    chosen, rejected = ("chosen", "rejected") if paired else ("desirable", "undesirable")
+    labels = {
+        "reward_accuracy": "reward accuracy",
+        "reward_margin": "margin",
+        "reward_chosen": f"reward {chosen}",
+        "reward_rejected": f"reward {rejected}",
+        "kl": "KL estimate",
+    }
+    shown = [key for key in labels if values.get(key) is not None]
+    if "reward_accuracy" in shown:  # paired losses: accuracy and margin say it; chosen/rejected are in metrics.jsonl
+        shown = [key for key in shown if key in ("reward_accuracy", "reward_margin")]
+    return [f"{labels[key]} {_fmt(values[key])}" for key in shown]
+
+
+_EVAL_KEYS = {
+    "reward_accuracy": "rewards/accuracies",
+    "reward_margin": "rewards/margins",
+    "reward_chosen": "rewards/chosen",
+    "reward_rejected": "rewards/rejected",
+    "kl": "kl",
+}
+
+
+def _print_summary(summary: dict, final_dir: Path, paired: bool = True) -> None:
+    parts = [
+        f"{summary['steps']} steps in {summary['seconds']:.1f}s",
+        f"{_fmt(summary['tokens_per_s'])} tokens/s",
+        f"loss {_fmt(summary['final_loss'])}",
+        *_reward_parts(summary, paired),
+    ]
+    print("prefopt: done: " + ", ".join(parts))
     for label, prefix in (("before", "eval_before_"), ("after", "eval_")):
         values = {k[len(prefix) :]: v for k, v in summary[f"eval_{label}"].items()}
         if values:
-            print(
-                f"prefopt: held-out {label:<6}: loss {_fmt(values.get('loss'))}, reward accuracy "
-                f"{_fmt(values.get('rewards/accuracies'))}, margin {_fmt(values.get('rewards/margins'))}, "
-                f"policy prefers chosen {_fmt(values.get('policy/prefers_chosen'))}"
-            )
+            named = {key: values.get(metric) for key, metric in _EVAL_KEYS.items()}
+            parts = [f"loss {_fmt(values.get('loss'))}", *_reward_parts(named, paired)]
+            if values.get("policy/prefers_chosen") is not None:
+                parts.append(f"policy prefers chosen {_fmt(values['policy/prefers_chosen'])}")
+            print(f"prefopt: held-out {label:<6}: " + ", ".join(parts))
     print(f"prefopt: final model in {final_dir}")

@@ -9,20 +9,27 @@ never looks at the loss's name.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Trainer
-from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers import TrainingArguments
+from transformers.trainer_utils import rotate_checkpoints
 
+from prefopt.compat import LengthGroupedSampler, TrainerHooks
 from prefopt.data.collate import PreferenceCollator, SequenceBatch
 from prefopt.errors import PrefoptError
-from prefopt.logps import completion_states, output_head, score_completions
+from prefopt.logps import score_model
 from prefopt.losses import LossInputs
+
+# Written into each checkpoint: prefopt's own state that transformers does not keep.
+PREFOPT_STATE = "prefopt_state.json"
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -46,6 +53,20 @@ class DictCollator:
         return vars(self.collator(examples))
 
 
+@dataclass
+class PreferenceArguments(TrainingArguments):
+    """transformers' TrainingArguments with warm-up as a fraction of the run.
+
+    transformers 5 has only `warmup_steps`, read as a fraction when below 1 and as a count
+    otherwise, so 1.0 would mean one step. `warmup_ratio` is always a fraction (0..1).
+    """
+
+    warmup_ratio: float = 0.0
+
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        return math.ceil(num_training_steps * self.warmup_ratio)
+
+
 class NonFiniteError(PrefoptError):
     """A loss or gradient became NaN/inf; the message names the step and the examples."""
 
@@ -54,7 +75,7 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-class PreferenceTrainer(Trainer):
+class PreferenceTrainer(TrainerHooks):
     def __init__(
         self,
         *args,
@@ -78,7 +99,7 @@ class PreferenceTrainer(Trainer):
         self.skip_nonfinite = skip_nonfinite  # how many bad batches may still be skipped
         self.skipped_batches: list[str] = []
         self.last_example_indices: list[int] = []
-        self.step_grad_norm = None  # set by _get_grad_norm each optimizer step
+        self.step_grad_norm = None  # set by record_grad_norm each optimizer step
         # Our loss is a mean over each micro-batch: the Trainer must divide by the accumulation steps.
         self.loss_is_scaled_for_ga = False
         self._window: dict[str, list[float]] = defaultdict(list)
@@ -94,9 +115,7 @@ class PreferenceTrainer(Trainer):
         ref_logps = ref_states = ref_head = None
         if spec.needs_reference:
             ref_logps, ref_states, ref_head = self.reference(model, batch, keep_states=spec.needs_token_kl)
-        states = completion_states(model, batch, use_logits=self.use_logits)
-        head = torch.nn.Identity() if self.use_logits else output_head(model)
-        logps, lengths, kl = score_completions(head, states, self.chunk_size, ref_head, ref_states)
+        (logps, lengths, kl), _, _ = score_model(model, batch, self.use_logits, self.chunk_size, ref_head, ref_states)
         c, r, k = batch.chosen_rows, batch.rejected_rows, batch.kl_rows
         inputs = LossInputs(
             policy_chosen_logps=logps[c],
@@ -143,13 +162,11 @@ class PreferenceTrainer(Trainer):
             "(or pass --skip-nonfinite N to skip such batches)"
         )
 
-    def _get_grad_norm(self, model, grad_norm=None):
-        # transformers computes the total (pre-clip) gradient norm here every step; GradientGuard
-        # reads it instead of making another pass over every gradient (it makes its own if a
-        # transformers version stops calling this).
-        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+    def record_grad_norm(self, norm) -> None:
+        # transformers computes the total (pre-clip) gradient norm every step; GradientGuard reads
+        # it instead of making another pass over every gradient (it makes its own if a
+        # transformers version stops reporting it).
         self.step_grad_norm = norm
-        return norm
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = SequenceBatch(**inputs)
@@ -168,41 +185,63 @@ class PreferenceTrainer(Trainer):
 
     # -- checkpoints -------------------------------------------------------------------------
 
-    def _save_checkpoint(self, model, trial):
+    def write_checkpoint(self, save) -> None:
         """Write checkpoint-N under a staging folder, then rename it into place.
 
         A kill during the save leaves only the staging folder, never a half-written
-        checkpoint-N, so --resume always finds a complete newest checkpoint. (Single process;
+        checkpoint-N, so --resume always finds a complete newest checkpoint. Rotation
+        (--save-total-limit) then runs on the real folder, oldest steps first. (Single process;
         with several processes transformers' in-place layout is kept.)
         """
         if self.args.world_size > 1:  # several writers (FSDP/DeepSpeed shards): transformers' own layout
-            return super()._save_checkpoint(model, trial)
+            save()
+            self._write_prefopt_state(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}")
+            return
         final_root = self.args.output_dir
         staging_root = Path(final_root) / ".staging"
         shutil.rmtree(staging_root, ignore_errors=True)
         staging_root.mkdir(parents=True)
         self.args.output_dir = str(staging_root)
         try:
-            super()._save_checkpoint(model, trial)
+            save()
         finally:
             self.args.output_dir = final_root
         name = f"checkpoint-{self.state.global_step}"
+        self._write_prefopt_state(staging_root / name)
         target = Path(final_root) / name
         if target.exists():  # the same step saved again (e.g. an interrupt right after a scheduled save)
             shutil.rmtree(target)
         os.replace(staging_root / name, target)
         shutil.rmtree(staging_root, ignore_errors=True)
+        rotate_checkpoints(
+            output_dir=final_root,
+            save_total_limit=self.args.save_total_limit,
+            best_model_checkpoint=self.state.best_model_checkpoint,
+            use_mtime=False,  # by step number: renames make mtimes useless
+        )
+
+    def _write_prefopt_state(self, checkpoint: Path) -> None:
+        if self.args.should_save and checkpoint.is_dir():
+            state = {"skipped_batches": self.skipped_batches}
+            (checkpoint / PREFOPT_STATE).write_text(json.dumps(state, indent=2))
+
+    def restore_prefopt_state(self, checkpoint: Path) -> None:
+        """On resume: batches skipped before the checkpoint count against --skip-nonfinite."""
+        path = Path(checkpoint) / PREFOPT_STATE
+        if path.exists():
+            self.skipped_batches = list(json.loads(path.read_text()).get("skipped_batches", []))
+            self.skip_nonfinite = max(0, self.skip_nonfinite - len(self.skipped_batches))
 
     # -- data ----------------------------------------------------------------------------
 
-    def _get_train_sampler(self, train_dataset=None):
+    def train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.group_by_length:
             return LengthGroupedSampler(
                 self.args.train_batch_size * self.args.gradient_accumulation_steps,
                 lengths=[item.length for item in dataset.items],
             )
-        return super()._get_train_sampler(train_dataset)
+        return None
 
     # -- logging and evaluation ------------------------------------------------------------
 
@@ -231,7 +270,7 @@ class PreferenceTrainer(Trainer):
         counts: dict[str, int] = defaultdict(int)
         try:
             for inputs in dataloader:
-                batch = SequenceBatch(**self._prepare_inputs(inputs))
+                batch = SequenceBatch(**self.prepared(inputs))
                 loss, metrics = self.batch_loss(self.model, batch)
                 n = len(batch.example_indices)
                 for name, value in {"loss": float(loss), **metrics}.items():

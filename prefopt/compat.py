@@ -1,0 +1,71 @@
+"""Every use of a private (underscore) transformers API, in one place, each with the reason.
+
+transformers moves its private methods between releases (5.x renamed several). Keeping them
+here means an upgrade that breaks one breaks this file only, and each use says why a public
+API does not do. The rest of prefopt calls the named functions and methods below.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Trainer
+
+# `trainer_pt_utils` is not in transformers' public API listing, but LengthGroupedSampler has been
+# there since 4.x and is what `--group-by-length` needs (a sampler over our own length field).
+from transformers.trainer_pt_utils import LengthGroupedSampler  # noqa: F401  (re-exported)
+
+
+def attention_implementation(model) -> str:
+    """The model's attention backend ('sdpa', 'eager', ...). Why private: transformers exposes the
+    choice only as `config._attn_implementation`; we need it to pick the 4-D mask's dtype."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) or "sdpa"
+
+
+def no_split_module_names(model: torch.nn.Module) -> set[str]:
+    """Class names of the model's repeated blocks (decoder layers). Why private: transformers lists
+    them only in `_no_split_modules` (for device maps); it is the one generic way to find layers."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
+    return names
+
+
+class TrainerHooks(Trainer):
+    """The private `Trainer` methods prefopt overrides or calls, each routed to a named method.
+
+    Subclasses override the public-named methods (`record_grad_norm`, `write_checkpoint`,
+    `train_sampler`) and call `prepared(inputs)`; only this class touches underscores.
+    """
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Why: transformers computes the total pre-clip gradient norm here each optimizer step;
+        # reading it saves another pass over every gradient.
+        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self.record_grad_norm(norm)
+        return norm
+
+    def record_grad_norm(self, norm) -> None:
+        pass
+
+    def _save_checkpoint(self, model, trial):
+        # Why: the one place transformers writes checkpoint-N (model, optimizer, scheduler, RNG,
+        # trainer state); `write_checkpoint` wraps it to make the write atomic.
+        self.write_checkpoint(lambda: super(TrainerHooks, self)._save_checkpoint(model, trial))
+
+    def write_checkpoint(self, save) -> None:
+        save()
+
+    def _get_train_sampler(self, train_dataset=None):
+        # Why: transformers' own length grouping reads lengths from a `datasets.Dataset` column or
+        # from input_ids; our items are collated objects with a `length` field. The sampler
+        # method is the only hook for grouping by that field.
+        return self.train_sampler(train_dataset) or super()._get_train_sampler(train_dataset)
+
+    def train_sampler(self, train_dataset=None):
+        return None
+
+    def prepared(self, inputs: dict) -> dict:
+        """Move a collated batch to the device as training does. Why private: `_prepare_inputs` is
+        the only function that does exactly what the training loop does to a batch."""
+        return self._prepare_inputs(inputs)
