@@ -92,6 +92,18 @@ def main() -> None:
         if i % 5 < 3:
             unpaired.append({"prompt": q, "completion": " " + r, "label": False})
     write_jsonl("unpaired.jsonl", unpaired)
+    write_jsonl("arithmetic.jsonl", arithmetic(random.Random(7)))
+
+
+def arithmetic(rng: random.Random) -> list[dict]:
+    """Prompt-only: every single-digit addition 1+1 .. 9+9 (81), asked as a chat turn; `answer` for exact_match."""
+    rows = [
+        {"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": str(a + b)}
+        for a in range(1, 10)
+        for b in range(1, 10)
+    ]
+    rng.shuffle(rows)
+    return rows
 
 
 if __name__ == "__main__":

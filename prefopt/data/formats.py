@@ -6,6 +6,10 @@ Formats (DESIGN.md §3):
   implicit        only "chosen"/"rejected" full transcripts (text or messages); the prompt
                   is their longest common prefix, cut at a safe boundary (HH-RLHF style)
   unpaired        {"prompt", "completion", "label": bool} (KTO); text or messages
+
+Prompt-only data (`{"prompt": str | messages, ...extra columns}`, DESIGN §6) is a fourth
+format for sampling, not for training: `load_prompts` reads it (or the prompts of any
+preference file) into PromptExample, extra columns kept for the reward functions.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass, field
 from prefopt.data.files import DataError, Record
 
 FORMATS = ("standard", "conversational", "implicit", "unpaired")
+PROMPT_FORMAT = "prompt"  # prompt-only: sampled from, never trained on directly
 
 Messages = list  # list[dict[str, str]] with "role" and "content"
 Text = str | list  # a string, or a list of messages
@@ -70,9 +75,11 @@ def detect_format(record: Record) -> str:
         if "prompt" not in keys:
             return "implicit"
         return "conversational" if isinstance(record.fields["chosen"], list) else "standard"
+    if "prompt" in keys and not keys & {"chosen", "rejected", "completion", "label"}:
+        return PROMPT_FORMAT
     raise DataError(
         f"{record.where}: cannot tell the format: expected prompt/chosen/rejected, chosen/rejected, "
-        f"or prompt/completion/label; found {', '.join(sorted(keys)) or 'no fields'}"
+        f"prompt/completion/label, or prompt alone; found {', '.join(sorted(keys)) or 'no fields'}"
     )
 
 
@@ -176,6 +183,11 @@ def normalise(records: list[Record], fmt: str | None = None) -> tuple[list, Norm
     if not records:
         raise DataError("no records")
     fmt = fmt or detect_format(records[0])
+    if fmt == PROMPT_FORMAT:
+        raise DataError(
+            f"{records[0].where}: prompt-only data (no chosen/rejected or completion/label) cannot be trained "
+            "on directly: sample and score it first (prefopt sample, prefopt pairs, or prefopt iterate)"
+        )
     if fmt not in FORMATS:
         raise DataError(f"unknown format '{fmt}'; choose one of {', '.join(FORMATS)}")
     report = NormaliseReport(format=fmt, records=len(records))
@@ -222,3 +234,78 @@ def pairs_to_singles(pairs: list[PairExample]) -> list[SingleExample]:
         singles.append(SingleExample(pair.prompt, pair.chosen, True, pair.where))
         singles.append(SingleExample(pair.prompt, pair.rejected, False, pair.where))
     return singles
+
+
+# -- prompt-only data -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptExample:
+    """A prompt to sample from, with its extra columns (e.g. `answer`) for the reward functions."""
+
+    prompt: Text
+    columns: dict
+    where: str
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+@dataclass
+class PromptReport:
+    format: str = ""  # the file's own format: "prompt", or a preference format whose prompts are used
+    records: int = 0
+    kept: int = 0
+    duplicates: int = 0
+    columns: list[str] = field(default_factory=list)
+
+
+def _prompt_of(record: Record, fmt: str) -> tuple[Text, dict]:
+    if fmt == "implicit":
+        pair = _pair(record, fmt)
+        # a preference file's answers stay available (e.g. `--against chosen` battles them)
+        return pair.prompt, {"chosen": pair.chosen, "rejected": pair.rejected}
+    prompt = _text_or_messages(record, "prompt")
+    return prompt, {k: v for k, v in record.fields.items() if k != "prompt"}
+
+
+def normalise_prompts(records: list[Record], fmt: str | None = None) -> tuple[list[PromptExample], PromptReport]:
+    """Records of any format -> PromptExample, de-duplicated by prompt (the first record's columns win).
+
+    Prompt-only records keep all their other fields as columns; a preference file's prompts are
+    used, with its other fields (chosen, rejected, ...) as columns.
+    """
+    if not records:
+        raise DataError("no records")
+    fmt = fmt or detect_format(records[0])
+    if fmt not in (*FORMATS, PROMPT_FORMAT):
+        raise DataError(f"unknown format '{fmt}'; choose one of {', '.join((*FORMATS, PROMPT_FORMAT))}")
+    report = PromptReport(format=fmt, records=len(records))
+    examples, seen, columns = [], set(), {}
+    for record in records:
+        if fmt == PROMPT_FORMAT and "prompt" not in record.fields:
+            raise DataError(f"{record.where}: missing field 'prompt' (a prompts file needs a 'prompt' on every line)")
+        prompt, extra = _prompt_of(record, fmt)
+        key = _key(prompt)
+        if key in seen:
+            report.duplicates += 1
+            continue
+        seen.add(key)
+        columns.update(dict.fromkeys(extra))
+        examples.append(PromptExample(prompt, extra, record.where))
+    report.kept = len(examples)
+    report.columns = list(columns)
+    return examples, report
+
+
+def load_prompts(paths, fmt: str | None = None) -> tuple[list[PromptExample], PromptReport]:
+    """Prompts from prompt-only files, or from the prompts of preference files."""
+    from prefopt.data.files import read_records
+
+    records = read_records(paths)
+    first = records[0].fields
+    if fmt is None and "prompt" not in first and not {"chosen", "rejected"} <= set(first):
+        found = ", ".join(sorted(first)) or "no fields"
+        raise DataError(f"{records[0].where}: missing field 'prompt' (found {found})")
+    return normalise_prompts(records, fmt)

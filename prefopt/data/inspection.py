@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from prefopt.data.dataset import load_examples
-from prefopt.data.formats import SingleExample
+from prefopt.data.files import read_records
+from prefopt.data.formats import PROMPT_FORMAT, SingleExample, detect_format, normalise, normalise_prompts
 from prefopt.data.tokenize import PreferenceTokenizer
 
 PERCENTILES = (50, 90, 99, 100)
@@ -24,7 +24,10 @@ def inspect_data(
     `load_tokenizer` is called only once the data has been read and validated, so a bad
     file is reported at once, without waiting for a model to load.
     """
-    examples, report = load_examples(paths, fmt)
+    records = read_records(paths)
+    if (fmt or detect_format(records[0])) == PROMPT_FORMAT:
+        return _inspect_prompts(paths, records, load_tokenizer, max_prompt_length)
+    examples, report = normalise(records, fmt)
     tokenizer = load_tokenizer()
     tokenizing = PreferenceTokenizer(tokenizer, max_length, max_prompt_length)
     for index, example in enumerate(examples):
@@ -53,7 +56,45 @@ def inspect_data(
     return result
 
 
+def _inspect_prompts(paths, records, load_tokenizer, max_prompt_length: int | None) -> dict:
+    """Prompt-only files: counts, extra columns, prompt token lengths (as `prefopt sample` renders them)."""
+    examples, report = normalise_prompts(records, PROMPT_FORMAT)
+    tokenizing = PreferenceTokenizer(load_tokenizer(), max_length=2)
+    lengths = [len(tokenizing.prompt_ids(example.prompt)[0]) for example in examples]
+    return {
+        "files": [str(p) for p in (paths if isinstance(paths, (list, tuple)) else [paths])],
+        "format": PROMPT_FORMAT,
+        "records": report.records,
+        "usable": report.kept,
+        "duplicates": report.duplicates,
+        "conversational": sum(example.conversational for example in examples),
+        "columns": report.columns,
+        "max_prompt_length": max_prompt_length,
+        "truncated": sum(n > max_prompt_length for n in lengths) if max_prompt_length else 0,
+        "token_lengths": {"prompt": {f"p{q}": _percentile(lengths, q) for q in PERCENTILES}},
+    }
+
+
+def _format_prompt_report(result: dict) -> list[str]:
+    lines = [
+        f"files:            {', '.join(result['files'])}",
+        f"format:           {result['format']} (prompt-only: for prefopt sample / iterate)",
+        f"records:          {result['records']}",
+        f"usable:           {result['usable']}  (dropped: {result['duplicates']} duplicate prompts; "
+        f"{result['conversational']} conversational)",
+        f"extra columns:    {', '.join(result['columns']) or '(none)'}",
+    ]
+    if result["max_prompt_length"]:
+        lines.append(f"at max_prompt_length={result['max_prompt_length']}: {result['truncated']} truncated")
+    return lines
+
+
 def format_report(result: dict) -> str:
+    if result["format"] == PROMPT_FORMAT:
+        lines = _format_prompt_report(result)
+        lines.append("token lengths:    " + "  ".join(f"p{q:<3}" for q in PERCENTILES).replace("p100", "max "))
+        lines.append("  prompt          " + "  ".join(f"{v:<4}" for v in result["token_lengths"]["prompt"].values()))
+        return "\n".join(lines)
     lines = [
         f"files:            {', '.join(result['files'])}",
         f"format:           {result['format']}",
