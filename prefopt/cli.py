@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--format", default=None, choices=FORMATS, help="skip auto-detection")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.set_defaults(run=_cmd_data_inspect)
+    __import__("prefopt.cli_online").cli_online.add_commands(commands)  # rewards, sample, pairs (DESIGN §6)
     return parser
 
 

@@ -1,0 +1,93 @@
+"""`judge`: a local causal LM asked which of two answers is better, in both orders, averaged.
+
+For a prompt x and answers a, b the judge reads one question ("... Response A ... Response B
+... Which response is better? Answer A or B.") and we take its next-token probabilities of
+"A" and "B", renormalised over the two: p(a first) = P(A) / (P(A) + P(B)). LLM judges favour
+one position, so the question is asked again with the answers swapped and
+    P(a beats b) = (p_A(a, b) + p_B(b, a)) / 2,
+which is 0.5 for a judge that only ever says "A". As a reward (one score per completion) the
+judge compares each completion with a reference answer from a column (`against`, default
+`answer`): the score is the probability the completion wins.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prefopt.rewards.registry import RewardError, register_reward
+
+QUESTION = (
+    "You are comparing two responses to the same request.\n\n"
+    "[Request]\n{prompt}\n\n[Response A]\n{a}\n\n[Response B]\n{b}\n\n"
+    "Which response is better: more correct, more helpful, more direct? Answer with one letter, A or B."
+)
+
+
+def as_text(value) -> str:
+    """A message list as 'role: content' lines (the judge reads one conversation as plain text)."""
+    if isinstance(value, list):
+        if len(value) == 1:
+            return value[0]["content"]
+        return "\n".join(f"{m['role']}: {m['content']}" for m in value)
+    return str(value)
+
+
+@register_reward("judge")
+class Judge:
+    """A local causal LM judges completion vs the column `against`, both orders averaged: P(completion wins)."""
+
+    def __init__(self, model: str, against: str = "answer", batch_size: int = 8, dtype: str = "auto"):
+        from prefopt.inference import load_for_inference
+
+        self.model, self.tokenizer = load_for_inference(model, dtype=dtype)
+        self.against, self.batch_size = against, batch_size
+        self.letters = [self._letter_id(letter) for letter in ("A", "B")]
+        self.device = next(self.model.parameters()).device
+
+    def _letter_id(self, letter: str) -> int:
+        ids = self.tokenizer(letter, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise RewardError(f"judge: the tokenizer has no token for '{letter}'")
+        return ids[0]
+
+    def _question_ids(self, prompt, a, b) -> list[int]:
+        text = QUESTION.format(prompt=as_text(prompt), a=as_text(a), b=as_text(b))
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(text + "\nAnswer:")["input_ids"]
+
+    @torch.no_grad()
+    def first_letter_probability(self, questions: list[list[int]]) -> list[float]:
+        """P("A") / (P("A") + P("B")) as the judge's next token, per question."""
+        from prefopt.logps import output_head
+        from prefopt.rewards.reward_model import pad_right
+
+        out: list[float] = []
+        for start in range(0, len(questions), self.batch_size):
+            ids, mask = pad_right(questions[start : start + self.batch_size], self.tokenizer.pad_token_id, self.device)
+            hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
+            last = hidden.hidden_states[-1][torch.arange(len(ids), device=self.device), mask.sum(1) - 1]
+            logits = output_head(self.model)(last)[:, self.letters].float()
+            out += logits.softmax(dim=-1)[:, 0].tolist()
+        return out
+
+    def compare(self, prompts, a, b, **columns) -> list[float]:
+        """P(a beats b) per row, the mean over both orders."""
+        forward = [self._question_ids(p, x, y) for p, x, y in zip(prompts, a, b, strict=True)]
+        swapped = [self._question_ids(p, y, x) for p, x, y in zip(prompts, a, b, strict=True)]
+        p_first = self.first_letter_probability(forward + swapped)
+        n = len(forward)
+        return [(p_first[i] + (1.0 - p_first[n + i])) / 2 for i in range(n)]
+
+    def __call__(self, prompts, completions, **columns):
+        if self.against not in columns:
+            raise RewardError(
+                f"judge compares with the column '{self.against}' (--reward-arg against=COLUMN); "
+                f"found: {', '.join(sorted(columns)) or 'no extra columns'}"
+            )
+        references = columns[self.against]
+        scores = self.compare(prompts, completions, [r if r is not None else "" for r in references])
+        return [None if r is None else s for s, r in zip(scores, references, strict=True)]
