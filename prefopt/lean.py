@@ -85,15 +85,19 @@ def _use_stock(x: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type)
 
 
+# The stock forward is called through the class the lean one was made from (`_prefopt_stock`),
+# not `super(type(self), self)`: once the lean class is subclassed again (FSDP2's `fully_shard`
+# swaps every sharded module to an `FSDP<name>` subclass) `type(self)` is that subclass, its
+# super() is the lean class, and the call would recurse forever.
 def _lean_rmsnorm_forward(self, hidden_states):
     if _use_stock(hidden_states):
-        return super(type(self), self).forward(hidden_states)
+        return self._prefopt_stock.forward(self, hidden_states)
     return _RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
 
 
 def _lean_swiglu_forward(self, x):
     if _use_stock(x):
-        return super(type(self), self).forward(x)
+        return self._prefopt_stock.forward(self, x)
     return _SwiGLUFunction.apply(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
 
 
@@ -124,7 +128,8 @@ def _lean_class(cls: type, kind: str) -> type:
     key = (cls, kind)
     if key not in _SUBCLASSES:
         forward = _lean_rmsnorm_forward if kind == "rmsnorm" else _lean_swiglu_forward
-        _SUBCLASSES[key] = type(f"Lean{cls.__name__}", (cls,), {"forward": forward, "_prefopt_lean": kind})
+        attributes = {"forward": forward, "_prefopt_lean": kind, "_prefopt_stock": cls}
+        _SUBCLASSES[key] = type(f"Lean{cls.__name__}", (cls,), attributes)
     return _SUBCLASSES[key]
 
 

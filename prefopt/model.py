@@ -35,9 +35,35 @@ def _load_causal_lm(config: TrainConfig, dtype: torch.dtype):
         )
     location = resolve_model(config.model)
     try:
-        return AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except OSError as error:
         raise ConfigError(f"cannot load model '{config.model}': {str(error).splitlines()[0]}") from None
+    if config.load_in_4bit:
+        keep_4bit_layers_unpacked(model)
+    return model
+
+
+def keep_4bit_layers_unpacked(model) -> int:
+    """Turn off bitsandbytes' packed AVX512-BF16 CPU layout on every 4-bit layer; returns how many.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) rewrites a `Linear4bit`'s weight into a packed
+    layout the first time the layer runs an eval-mode, no-grad forward (`support_avx512bf16_for_cpu`),
+    and never converts it back. For a model that trains, that is wrong in three ways:
+    - the packed layout needs in_features a multiple of the quantisation block (64) and out_features
+      a multiple of 32; any other layer crashes the evaluation (`shape '[32, 0]' is invalid`);
+    - the packed kernel (`gemv_4bit`) has no autograd formula, so every training step after the
+      first evaluation backpropagates zero through the frozen base weights: the adapters of all
+      earlier layers get wrong gradients, with only a torch warning to show for it;
+    - it computes in bfloat16 while training computes in the compute dtype, so evaluation and
+      training (and a 4-bit reference copy against the policy) would score the same text differently.
+    With the flag off, bitsandbytes dequantises and multiplies as it does on every other CPU.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def _lora_config(config: TrainConfig):

@@ -36,12 +36,22 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def tiny_llama(seed: int = 0, vocab_size: int = 259) -> LlamaForCausalLM:
+# Every Linear of the tiny Llama has in_features a multiple of 64 (bitsandbytes' 4-bit quantisation
+# block) and out_features a multiple of 32: the shapes that all of bitsandbytes' CPU paths accept,
+# including the packed AVX512-BF16 layout it switches to in no-grad eval forwards on CPUs that
+# have that instruction (q/o 64->64, k/v 64->32, gate/up 64->128, down 128->64). Smaller shapes
+# made the QLoRA tests pass or crash depending on the machine's CPU.
+TINY_HIDDEN, TINY_INTERMEDIATE = 64, 128
+
+
+def tiny_llama(
+    seed: int = 0, vocab_size: int = 259, hidden_size: int = TINY_HIDDEN, intermediate_size: int = TINY_INTERMEDIATE
+) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -54,8 +64,8 @@ def tiny_llama(seed: int = 0, vocab_size: int = 259) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def save_tiny_model(folder, seed: int = 0) -> str:
-    """A tiny random Llama with the byte tokenizer, saved as a local model folder."""
-    tiny_llama(seed).save_pretrained(folder)
+def save_tiny_model(folder, seed: int = 0, **shape) -> str:
+    """A tiny random Llama with the byte tokenizer, saved as a local model folder (`shape`: tiny_llama's sizes)."""
+    tiny_llama(seed, **shape).save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
     return str(folder)

@@ -159,3 +159,25 @@ def test_other_architectures_switch_only_what_matches(architecture, expected):
     assert torch.allclose(stock_logits, lean_logits, rtol=1e-6, atol=1e-6)
     for name, grad in stock_grads.items():
         assert ((grad - lean_grads[name]).norm() / grad.norm()).item() < 1e-5, name
+
+
+def test_a_lean_module_subclassed_again_still_reaches_the_stock_forward():
+    """FSDP2's fully_shard swaps each sharded module to a subclass of its class (FSDPLeanLlamaMLP).
+
+    The lean forward once reached the stock one with super(type(self), self), which from that
+    subclass is the lean forward again: RecursionError on the first no-grad call."""
+    stock = _perturbed_model()
+    lean = copy.deepcopy(stock)
+    make_lean(lean)
+    for module in lean.modules():
+        if getattr(type(module), "_prefopt_lean", None):
+            module.__class__ = type(f"FSDP{type(module).__name__}", (type(module),), {})
+    assert type(lean.model.layers[0].mlp).__name__ == "FSDPLeanLlamaMLP"
+    ids = torch.randint(1, 259, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # the stock path
+        assert torch.equal(lean(input_ids=ids).logits, stock(input_ids=ids).logits)
+    stock_logits, stock_grads = _forward_backward(stock, ids)  # the lean path
+    lean_logits, lean_grads = _forward_backward(lean, ids)
+    assert torch.equal(stock_logits, lean_logits)
+    for name, grad in stock_grads.items():
+        assert ((grad - lean_grads[name]).norm() / grad.norm()).item() < 1e-5, name
