@@ -57,6 +57,42 @@ class ConsoleProgress(ProgressCallback):
             )
 
 
+def install_progress(trainer) -> None:
+    """Progress display. In a terminal, transformers' tqdm bar becomes ConsoleProgress (one short line
+    per log). In a notebook transformers installs its notebook bar (kept, with the early-stop fix
+    below), or with tqdm disabled plain printed lines (kept as they are)."""
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(ConsoleProgress())
+        return
+    from transformers.utils.import_utils import is_in_notebook
+
+    if is_in_notebook():
+        from transformers.utils.notebook import NotebookProgressCallback
+
+        if trainer.pop_callback(NotebookProgressCallback) is not None:
+            trainer.add_callback(_notebook_progress_class()())
+
+
+def _notebook_progress_class():
+    from transformers.utils.notebook import NotebookProgressCallback
+
+    class NotebookProgress(NotebookProgressCallback):
+        """transformers' notebook bar, safe when a run stops early.
+
+        The bar starts at value 2 (it shows global_step + 1). When a run ends at step 2 (a kernel
+        interrupt, say), the final update has nothing to average over: transformers resets the bar's time per step to None but keeps its predicted remaining
+        time, and formatting the label then divides by None (TypeError). Clearing the
+        prediction first makes the bar show elapsed time only, which is what is known.
+        """
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.training_tracker is not None:
+                self.training_tracker.predicted_remaining = None
+            return super().on_train_end(args, state, control, **kwargs)
+
+    return NotebookProgress
+
+
 class GradientGuard(TrainerCallback):
     """Before each optimizer step: a NaN/inf gradient stops the run (or, within --skip-nonfinite, is dropped)."""
 
