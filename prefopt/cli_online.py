@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from prefopt.errors import PrefoptError
 
 
 def _parse_arg(text: str) -> tuple[str, object]:
@@ -45,8 +48,87 @@ def _add_reward_options(parser: argparse.ArgumentParser, required: bool = False)
     )
 
 
+def _make_reward(args: argparse.Namespace):
+    """The configured reward (loaded before any sampling, so a bad one fails in seconds), or None."""
+    _import_reward_modules(args)
+    if not args.reward:
+        return None
+    from prefopt.rewards import get_reward
+
+    return get_reward(args.reward, **dict(args.reward_args))
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from prefopt.data.formats import load_prompts
+    from prefopt.inference import load_for_inference
+    from prefopt.rollout import SampleSettings, SampleStats, sample_prompts, sample_records, score_samples, write_jsonl
+
+    settings = SampleSettings(
+        num_samples=args.num_samples,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_prompt_length=args.max_prompt_length,
+        shared_prefill=not args.no_shared_prefill,
+    )
+    if Path(args.output).exists() and not args.overwrite:
+        raise PrefoptError(f"{args.output} exists; choose another --output or pass --overwrite")
+    prompts, report = load_prompts(args.prompts)
+    if args.limit:
+        prompts = prompts[: args.limit]
+    if report.duplicates:
+        print(f"prefopt: {report.duplicates} duplicate prompts dropped")
+    reward = _make_reward(args)
+    model, tokenizer = load_for_inference(args.model, dtype=args.dtype)
+    stats = SampleStats()
+    samples = sample_prompts(model, tokenizer, prompts, settings, stats)
+    rewards, unscorable = score_samples(reward, prompts, samples) if reward else (None, 0)
+    write_jsonl(args.output, sample_records(prompts, samples, rewards), overwrite=args.overwrite)
+    print(
+        f"prefopt: {stats.completions} completions of {stats.prompts} prompts in {stats.seconds:.1f}s "
+        f"({stats.tokens_per_s:.0f} completion tokens/s), {stats.finished} ended with EOS -> {args.output}"
+    )
+    if rewards is not None:
+        scored = [r for group in rewards for r in group if r is not None]
+        mean = sum(scored) / len(scored) if scored else float("nan")
+        print(f"prefopt: reward {reward.name}: mean {mean:.4f} over {len(scored)}, {unscorable} unscorable (dropped)")
+    return 0
+
+
+def _add_sample_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="a model folder, the alias, or a run's final/")
+    parser.add_argument("--num-samples", type=int, default=4, help="completions per prompt (N)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens per completion at most")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0: off)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same samples)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    parser.add_argument("--max-prompt-length", type=int, default=None, help="keep the last N prompt tokens")
+    parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+
+
 def add_commands(commands) -> None:
     """Add the online-side subcommands to `prefopt`'s subparsers."""
     rewards = commands.add_parser("rewards", help="list registered rewards, their arguments and columns")
     rewards.add_argument("--reward-module", action="append", default=[], help="import this module first")
     rewards.set_defaults(run=_cmd_rewards)
+
+    sample = commands.add_parser(
+        "sample",
+        help="sample N completions per prompt (prompt prefilled once), optionally scored by a reward",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sample.add_argument("--prompts", required=True, nargs="+", help="prompt-only or preference files")
+    sample.add_argument("--output", required=True, help="samples file (.jsonl) to write")
+    _add_sample_options(sample)
+    _add_reward_options(sample)
+    sample.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    sample.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    sample.add_argument(
+        "--no-shared-prefill", action="store_true", help="plain generate(num_return_sequences=N), for comparison"
+    )
+    sample.set_defaults(run=_cmd_sample)
