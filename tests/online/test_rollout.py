@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import torch
 from helpers import byte_tokenizer, save_tiny_model, tiny_llama
 
@@ -156,7 +155,10 @@ def test_cli_sample_bad_inputs_are_one_line_errors(tmp_path, capsys):
     argv = base + ["--prompts", "data_samples/arithmetic.jsonl", "--limit", "2", "--output", str(tmp_path / "b.jsonl")]
     assert main(argv + ["--reward", "test_sample_wrong_count", "--reward-module", str(module)]) == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1] == "prefopt: error: reward 'test_sample_wrong_count' returned 1 scores for 4 completions"
+    assert (
+        err.strip().splitlines()[-1]
+        == "prefopt: error: reward 'test_sample_wrong_count' returned 1 scores for 4 completions"
+    )
     assert not (tmp_path / "b.jsonl").exists()
     assert main(argv + ["--reward", "reward_model", "--reward-arg", f"path={model}"]) == 2
     assert "is not a sequence classifier" in capsys.readouterr().err
