@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +22,14 @@ REFERENCE_MODES = ("auto", "copy", "adapter", "cached", "none")
 
 class ConfigError(PrefoptError):
     pass
+
+
+class ConfigValueError(ConfigError):
+    """A field's value has the wrong type or is out of range. `build_config` adds where it came from."""
+
+    def __init__(self, key: str, problem: str, where: str | None = None):
+        self.key, self.problem = key, problem
+        super().__init__(f"{where or key}: {problem}")
 
 
 def _help(text: str, **kwargs) -> Any:
@@ -96,20 +107,12 @@ class TrainConfig:
     report_to: list = _help("logging integrations (tensorboard, wandb, ...)", default_factory=list)
 
     def __post_init__(self) -> None:
+        _check_values(self)  # every field against its type hint and range, before anything reads them
         if self.beta is not None:
             self.loss_args = {**self.loss_args, "beta": self.beta}
             self.beta = None
-        for name in ("data", "eval_data", "loss_module", "report_to"):
-            value = getattr(self, name)
-            if isinstance(value, (str, Path)):
-                setattr(self, name, [str(value)])
-        if self.reference not in REFERENCE_MODES:
-            raise ConfigError(f"reference must be one of {', '.join(REFERENCE_MODES)}, got '{self.reference}'")
         if self.load_in_4bit and not self.lora:
             raise ConfigError("load_in_4bit trains a LoRA adapter on a frozen 4-bit base: add --lora")
-        for name in ("batch_size", "grad_accum", "max_length", "logging_steps", "save_steps", "chunk_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -119,6 +122,125 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+# Ranges, checked after the type: (test, what the value must be).
+_RANGES: dict[str, tuple] = {
+    "learning_rate": (lambda v: v > 0, "> 0"),
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "max_grad_norm": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    "num_epochs": (lambda v: v > 0, "> 0"),
+    "max_steps": (lambda v: v == -1 or v >= 1, "-1 (run num_epochs) or >= 1"),
+    "eval_fraction": (lambda v: 0 <= v < 1, ">= 0 and < 1"),
+    "lora_dropout": (lambda v: 0 <= v < 1, ">= 0 and < 1"),
+    "seed": (lambda v: 0 <= v < 2**32, "between 0 and 2**32 - 1"),
+    "skip_nonfinite": (lambda v: v >= 0, ">= 0"),
+    **{
+        name: (lambda v: v >= 1, ">= 1")
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "max_length",
+            "max_prompt_length",
+            "logging_steps",
+            "eval_steps",
+            "save_steps",
+            "save_total_limit",
+            "chunk_size",
+            "lora_r",
+            "lora_alpha",
+        )
+    },
+}
+
+
+def _schedulers() -> tuple[str, ...]:
+    from transformers.trainer_utils import SchedulerType
+
+    return tuple(s.value for s in SchedulerType)
+
+
+def _formats() -> tuple[str, ...]:
+    from prefopt.data.formats import FORMATS
+
+    return FORMATS
+
+
+# Fields whose value is one of a few names: the names, or a function giving them (imported only when needed).
+_CHOICES: dict[str, Any] = {
+    "reference": REFERENCE_MODES,
+    "dtype": DTYPES,
+    "format": _formats,
+    "lr_scheduler": _schedulers,
+}
+
+
+def _coerce(hint, value) -> Any:
+    """`value` as a `hint` (bool, int, float, str, list or dict; optional when the hint allows None).
+
+    Raises ValueError with what was expected. Ints pass for floats, but a bool is not a number.
+    A float may be written as a string ("1e-6"): YAML 1.1 reads `1e-6` without a dot as text.
+    """
+    optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
+    if optional:
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    or_null = " or null" if optional else ""
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"expected true or false{or_null}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"expected an integer{or_null}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str) and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", value):
+            number = float(value)
+        else:
+            raise ValueError(f"expected a number{or_null}")
+        if not math.isfinite(number):
+            raise ValueError(f"expected a finite number{or_null}")
+        return number
+    if hint is str:
+        if isinstance(value, (str, os.PathLike)):
+            return os.fspath(value)
+        raise ValueError(f"expected a string{or_null}")
+    if hint is list:
+        items = [value] if isinstance(value, (str, os.PathLike)) else value
+        if isinstance(items, (list, tuple)) and all(isinstance(i, (str, os.PathLike)) for i in items):
+            return [os.fspath(i) for i in items]
+        raise ValueError("expected a list of strings (or one string)")
+    if hint is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
+        raise ValueError("expected a mapping of NAME: VALUE")
+    return value
+
+
+def _check_values(config: TrainConfig) -> None:
+    """Check and normalise every field in place; the first problem raises ConfigValueError naming the field."""
+    for name, hint in _HINTS.items():
+        value = getattr(config, name)
+        try:
+            value = _coerce(hint, value)
+        except ValueError as problem:
+            raise ConfigValueError(name, f"{problem}, got {value!r}") from None
+        if value is not None and name in _RANGES:
+            test, wanted = _RANGES[name]
+            if not test(value):
+                raise ConfigValueError(name, f"must be {wanted}, got {value!r}")
+        if value is not None and name in _CHOICES:
+            choices = _CHOICES[name]
+            choices = choices() if callable(choices) else choices
+            if value not in choices:
+                raise ConfigValueError(name, f"must be one of {', '.join(choices)}, got {value!r}")
+        setattr(config, name, value)
 
 
 def _check_keys(keys, where: str) -> None:
@@ -129,7 +251,15 @@ def _check_keys(keys, where: str) -> None:
             raise ConfigError(f"{where}: unknown key '{key}'{hint}")
 
 
-def load_yaml(path: str | Path) -> dict:
+class YamlValues(dict):
+    """The keys of a YAML recipe, remembering their file (so an error can name it)."""
+
+    def __init__(self, values: dict, path: Path):
+        super().__init__(values)
+        self.path = path
+
+
+def load_yaml(path: str | Path) -> YamlValues:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
@@ -142,26 +272,45 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys")
     _check_keys(values, str(path))
-    return values
+    return YamlValues(values, path)
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a field: learning_rate -> --learning-rate."""
+    return "--loss-arg" if name == "loss_args" else "--" + name.replace("_", "-")
 
 
 def build_config(yaml_values: dict | None = None, overrides: dict | None = None) -> TrainConfig:
-    """defaults < YAML < overrides (CLI flags). loss_args merge key by key."""
+    """defaults < YAML < overrides (CLI flags). loss_args merge key by key.
+
+    A wrong type or an out-of-range value is reported with where it came from: the flag, or the
+    YAML file and key (when `yaml_values` came from `load_yaml`).
+    """
     merged: dict = dict(yaml_values or {})
     overrides = dict(overrides or {})
     _check_keys(overrides, "option")
-    loss_args = {**(merged.get("loss_args") or {}), **(overrides.pop("loss_args", None) or {})}
+    yaml_file = getattr(yaml_values, "path", None)
+    parts = [merged.get("loss_args") or {}, overrides.pop("loss_args", None) or {}]
+    for part, where in zip(parts, (f"{yaml_file}: loss_args" if yaml_file else "loss_args", "--loss-arg"), strict=True):
+        if not isinstance(part, dict):
+            raise ConfigValueError("loss_args", f"expected a mapping of NAME: VALUE, got {part!r}", where)
     merged.update(overrides)
-    merged["loss_args"] = loss_args
+    merged["loss_args"] = {**parts[0], **parts[1]}
     try:
         return TrainConfig(**merged)
+    except ConfigValueError as error:
+        if error.key in overrides:
+            where = flag(error.key)
+        else:
+            where = f"{yaml_file}: {error.key}" if yaml_file else error.key
+        raise ConfigValueError(error.key, error.problem, where) from None
     except TypeError as error:
         raise ConfigError(str(error)) from None
 
 
 def field_type(name: str):
     """The plain type of a field for CLI parsing: bool, int, float, str or list."""
-    hint = typing.get_type_hints(TrainConfig)[name]
+    hint = _HINTS[name]
     if isinstance(hint, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return hint

@@ -1,13 +1,16 @@
 """The output folder: what a run writes there, and how other people's files are protected.
 
-A run writes only these names: config.yaml, metrics.jsonl, summary.json, checkpoint-N/,
-final/, and the marker .prefopt-run. A folder holding anything else is not a prefopt run:
-it is written into only with --overwrite, and even then a file of the user's with one of
-our names is never replaced. --overwrite on an earlier run removes only that run's outputs.
+A run writes only these names: config.yaml, data-fingerprint.json, metrics.jsonl, summary.json,
+checkpoint-N/, final/, .staging/ (a checkpoint being written), and the marker .prefopt-run.
+A folder holding anything else is not a prefopt run: it is written into only with --overwrite,
+and even then a file of the user's with one of our names is never replaced. --overwrite on an
+earlier run removes only that run's outputs. An earlier run that never started (no checkpoint,
+no final model, no logged step: its first try failed) is replaced without --overwrite.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -18,12 +21,47 @@ from prefopt.errors import PrefoptError
 
 MARKER = ".prefopt-run"
 _OURS = re.compile(
-    r"^(config\.yaml|metrics\.jsonl|summary\.json|final|checkpoint-\d+|tmp-checkpoint-\d+|runs|\.prefopt-run)$"
+    r"^(config\.yaml|data-fingerprint\.json|metrics\.jsonl|summary\.json|final|checkpoint-\d+|tmp-checkpoint-\d+"
+    r"|\.staging|runs|\.prefopt-run)$"
 )
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def is_prefopt_run(folder: Path) -> bool:
     return (folder / MARKER).exists()
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """checkpoint-N folders, oldest first."""
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def logged_steps(folder: Path) -> int:
+    """The highest training step in metrics.jsonl (0: none)."""
+    path = folder / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    last = 0
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        if isinstance(entry, dict) and "loss" in entry:
+            last = max(last, int(entry.get("step", 0)))
+    return last
+
+
+def is_started(folder: Path) -> bool:
+    """Has a run in `folder` done anything worth keeping: a checkpoint, a final model, a logged step?"""
+    folder = Path(folder)
+    return bool(
+        checkpoints(folder)
+        or (folder / "final").exists()
+        or (folder / "summary.json").exists()
+        or logged_steps(folder) > 0
+    )
 
 
 def prepare_output_dir(folder: str | Path, resume: bool, overwrite: bool) -> Path:
@@ -36,7 +74,7 @@ def prepare_output_dir(folder: str | Path, resume: bool, overwrite: bool) -> Pat
         ours = is_prefopt_run(folder)
         if ours and resume:
             pass
-        elif ours and overwrite:
+        elif ours and (overwrite or not is_started(folder)):
             for name in entries:
                 if _OURS.match(name) and name != MARKER:
                     target = folder / name

@@ -31,8 +31,8 @@ from prefopt.data import (
 from prefopt.errors import PrefoptError
 from prefopt.hub import cache_root
 from prefopt.losses import LossSpec, get_loss, get_loss_spec
-from prefopt.outputs import prepare_output_dir
 from prefopt.plugins import import_loss_module
+from prefopt.run_guard import RunStart, begin_run, quiet_tied_weight_warnings
 
 
 @dataclass
@@ -194,6 +194,11 @@ def train(config: TrainConfig, callbacks: list | None = None, save_final: bool =
     saves a checkpoint; then SIGINT raises KeyboardInterrupt and SIGTERM returns a result with
     `interrupted` set. Signal handlers are restored however the run ends.
     """
+    with contextlib.ExitStack() as cleanup:  # releases the output folder's lock however the run ends
+        return _train(config, callbacks, save_final, cleanup)
+
+
+def _train(config: TrainConfig, callbacks: list | None, save_final: bool, cleanup: contextlib.ExitStack) -> TrainResult:
     from transformers import set_seed
 
     spec, loss_args = _resolve_loss(config)
@@ -201,7 +206,11 @@ def train(config: TrainConfig, callbacks: list | None = None, save_final: bool =
     set_seed(config.seed)
     # Data errors are reported before the output folder is touched, so fixing them needs no --overwrite.
     train_examples, eval_examples, _ = _prepare_examples(config, spec)
-    output_dir, is_main = _claim_output_dir(config)
+    start, is_main = _claim_output_dir(config)
+    cleanup.enter_context(start.lock)
+    output_dir = start.output_dir
+    if start.finished is not None:
+        return _already_finished(start)
     trainer, stopper = _build_trainer(
         config, spec, loss_args, reference_mode, output_dir, train_examples, eval_examples, callbacks
     )
@@ -249,23 +258,31 @@ def _resolve_loss(config: TrainConfig) -> tuple[LossSpec, dict]:
     return spec, loss_args
 
 
-def _claim_output_dir(config: TrainConfig) -> tuple[Path, bool]:
-    """(output folder, is this the main process). Several processes (torchrun / accelerate
-    launch): only the first one checks and writes the folder."""
+def _claim_output_dir(config: TrainConfig) -> tuple[RunStart, bool]:
+    """(the locked and checked output folder, is this the main process). Several processes
+    (torchrun / accelerate launch): only the first one locks and writes the folder; all check
+    --resume against the run there (prefopt.run_guard has the rules)."""
     is_main = int(os.environ.get("RANK", "0")) == 0
-    if not is_main:
-        return Path(config.output_dir), False
-    output_dir = prepare_output_dir(config.output_dir, config.resume, config.overwrite)
-    if not config.resume:
-        config.save(output_dir / "config.yaml")
-    return output_dir, True
+    return begin_run(config, main=is_main), is_main
+
+
+def _already_finished(start: RunStart) -> TrainResult:
+    """--resume on a finished run: say so and change nothing."""
+    for note in start.notes:
+        print(f"prefopt: {note}")
+    summary = json.loads((start.output_dir / "summary.json").read_text())
+    return TrainResult(
+        output_dir=start.output_dir,
+        final_dir=start.output_dir / "final",
+        steps=start.finished,
+        reference=summary.get("reference", ""),
+        summary=summary,
+    )
 
 
 def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_examples, eval_examples, callbacks):
     """Load the policy, tokenize, pick the batch layout and reference; the trainer with its callbacks."""
-    from transformers.trainer_callback import ProgressCallback
-
-    from prefopt.callbacks import ConsoleProgress, GradientGuard, MetricsFile, StopOnSignal
+    from prefopt.callbacks import GradientGuard, MetricsFile, StopOnSignal, install_progress
     from prefopt.logps import head_matches_model
     from prefopt.model import load_policy
     from prefopt.trainer import DictCollator, ListDataset, PreferenceTrainer
@@ -307,10 +324,7 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
         group_by_length=config.group_by_length,
         skip_nonfinite=config.skip_nonfinite,
     )
-    # In a terminal, transformers' tqdm bar becomes ours (one short line per log). In a notebook
-    # transformers installs its notebook bar instead (or plain lines with tqdm disabled): kept.
-    if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(ConsoleProgress())
+    install_progress(trainer)
     trainer.add_callback(MetricsFile(output_dir / "metrics.jsonl"))
     trainer.add_callback(GradientGuard(trainer))
     stopper = StopOnSignal()
@@ -325,6 +339,7 @@ def _resume_point(config: TrainConfig, output_dir: Path, trainer, is_main: bool)
     checkpoint = _newest_checkpoint(output_dir) if config.resume else None
     if checkpoint:
         trainer.restore_prefopt_state(checkpoint)
+        quiet_tied_weight_warnings(trainer.model)  # "missing lm_head.weight" with tied embeddings is not missing
     if config.resume and is_main:
         step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
         _trim_metrics(output_dir / "metrics.jsonl", step)
