@@ -253,12 +253,11 @@ def begin_run(config: TrainConfig, main: bool = True) -> RunStart:
     folder = Path(config.output_dir)
     if config.resume and not folder.is_dir():
         raise RunFolderError(f"--resume: {folder} has no run to continue")
-    if not main:
-        return (
-            _check_resume(config, folder, RunLock(folder, None))
-            if config.resume
-            else RunStart(folder, RunLock(folder, None), resume=False)
-        )
+    if not main:  # the same decision as the main process (_begin_locked), read-only
+        unlocked = RunLock(folder, None)
+        if config.resume and not config.overwrite and is_prefopt_run(folder) and _continuable(folder):
+            return _check_resume(config, folder, unlocked)
+        return RunStart(folder, unlocked, resume=False)
     created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -276,7 +275,7 @@ def begin_run(config: TrainConfig, main: bool = True) -> RunStart:
 
 def _begin_locked(config: TrainConfig, folder: Path, lock: RunLock) -> RunStart:
     if config.resume and not config.overwrite and is_prefopt_run(folder):
-        if checkpoints(folder) or (folder / "final").exists():
+        if _continuable(folder):
             prepare_output_dir(folder, resume=True, overwrite=False)
             start = _check_resume(config, folder, lock)
             if start.finished is None:
@@ -288,6 +287,10 @@ def _begin_locked(config: TrainConfig, folder: Path, lock: RunLock) -> RunStart:
         prepare_output_dir(folder, resume=config.resume and not config.overwrite, overwrite=config.overwrite)
     _write_identity(config, folder)
     return RunStart(folder, lock, resume=False)
+
+
+def _continuable(folder: Path) -> bool:
+    return bool(checkpoints(folder) or (folder / "final").exists())
 
 
 def _saved_config(folder: Path) -> dict:
@@ -318,9 +321,17 @@ def _check_resume(config: TrainConfig, folder: Path, lock: RunLock) -> RunStart:
 
 
 def _write_identity(config: TrainConfig, folder: Path) -> None:
-    """config.yaml (re-runnable as --config, so without resume/overwrite) and the data fingerprint."""
-    dataclasses.replace(config, resume=False, overwrite=False).save(folder / "config.yaml")
-    (folder / FINGERPRINT).write_text(json.dumps(data_fingerprint(config), indent=1) + "\n")
+    """config.yaml (re-runnable as --config, so without resume/overwrite) and the data fingerprint.
+    Each is written whole (temporary file, then rename): other processes of the run may read them."""
+    saved = dataclasses.replace(config, resume=False, overwrite=False).to_dict()
+    _write_atomic(folder / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
+    _write_atomic(folder / FINGERPRINT, json.dumps(data_fingerprint(config), indent=1) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    staging = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    staging.write_text(text)
+    os.replace(staging, path)
 
 
 def _remove_if_empty(folder: Path) -> None:
