@@ -1,4 +1,4 @@
-"""The loss registry (public API). See DESIGN.md §1 and the README's "Custom losses".
+"""The loss registry (public API). See docs/design.md §2 and the README's "Custom losses".
 
 from prefopt.losses import LossInputs, LossOutput, register_loss, get_loss, available_losses
 """
