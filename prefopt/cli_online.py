@@ -98,6 +98,43 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pairs(args: argparse.Namespace) -> int:
+    from prefopt import pairs
+    from prefopt.rollout import write_jsonl
+
+    if Path(args.output).exists() and not args.overwrite:
+        raise PrefoptError(f"{args.output} exists; choose another --output or pass --overwrite")
+    if sum(map(bool, (args.unpaired, args.best_of_n, args.against))) > 1:
+        raise PrefoptError("choose one of --unpaired, --best-of-n and --against")
+    if args.unpaired and args.threshold is None:
+        raise PrefoptError("--unpaired needs --threshold X (reward >= X is desirable)")
+    reward = _make_reward(args)
+    pairwise = bool(args.against) and reward is not None and reward.compare is not None
+    samples = pairs.read_samples(args.samples, need_rewards=reward is None and not pairwise)
+    if reward is not None and not pairwise:
+        pairs.rescore(samples, reward)
+    what = "pairs"
+    if args.unpaired:
+        records, report = pairs.select_unpaired(samples, args.threshold)
+        what = "KTO examples"
+    elif args.best_of_n:
+        records, report = pairs.select_best_of_n(samples, args.threshold)
+        what = "best-of-N SFT examples"
+    elif args.against:
+        is_file = Path(args.against).is_file()
+        references = (pairs.references_from_file if is_file else pairs.reference_column)(samples, args.against)
+        records, report = pairs.battle(samples, references, reward, args.min_margin)
+    else:
+        records, report = pairs.select_pairs(samples, args.selection, args.min_margin, args.seed)
+    for note in report.notes[:5]:
+        print(f"prefopt: {note}")
+    if not records:
+        raise PrefoptError(f"no {what} written: {report.why_empty(what)}")
+    write_jsonl(args.output, records, overwrite=args.overwrite)
+    print(f"prefopt: {report.summary(what)} -> {args.output}")
+    return 0
+
+
 def _add_sample_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="a model folder, the alias, or a run's final/")
     parser.add_argument("--num-samples", type=int, default=4, help="completions per prompt (N)")
@@ -132,3 +169,33 @@ def add_commands(commands) -> None:
         "--no-shared-prefill", action="store_true", help="plain generate(num_return_sequences=N), for comparison"
     )
     sample.set_defaults(run=_cmd_sample)
+
+    from prefopt.pairs import SELECTIONS
+
+    pairs = commands.add_parser(
+        "pairs",
+        help="scored samples -> preference pairs, KTO data (--unpaired), SFT data (--best-of-n), arena battles",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    pairs.add_argument("--samples", required=True, nargs="+", help="samples files from prefopt sample")
+    pairs.add_argument("--output", required=True, help="file (.jsonl) to write")
+    pairs.add_argument("--selection", default="best-worst", choices=SELECTIONS, help="which completions make pairs")
+    pairs.add_argument("--min-margin", type=float, default=0.0, help="drop pairs whose reward gap is smaller")
+    pairs.add_argument("--seed", type=int, default=0, help="for best-random")
+    pairs.add_argument(
+        "--unpaired", action="store_true", help="KTO data: every completion, label = reward >= threshold"
+    )
+    pairs.add_argument("--threshold", type=float, default=None, help="desirable from this reward on")
+    pairs.add_argument(
+        "--best-of-n", action="store_true", help="SFT data: each prompt's best completion (rejection sampling)"
+    )
+    pairs.add_argument(
+        "--against",
+        default=None,
+        metavar="COLUMN|FILE",
+        help="battle each sample against a reference answer (a column, or another model's samples file); "
+        "the policy's losses become pairs, the stronger answer chosen",
+    )
+    _add_reward_options(pairs)
+    pairs.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    pairs.set_defaults(run=_cmd_pairs)
