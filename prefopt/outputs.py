@@ -1,7 +1,7 @@
 """The output folder: what a run writes there, and how other people's files are protected.
 
 A run writes only these names: config.yaml, data-fingerprint.json, metrics.jsonl, summary.json,
-checkpoint-N/, final/, .staging/ (a checkpoint being written), and the marker .prefopt-run.
+checkpoint-N/, final/, .staging/ and .staging-final/ (being written), and the marker .prefopt-run.
 A folder holding anything else is not a prefopt run: it is written into only with --overwrite,
 and even then a file of the user's with one of our names is never replaced. --overwrite on an
 earlier run removes only that run's outputs. An earlier run that never started (no checkpoint,
@@ -22,7 +22,7 @@ from prefopt.errors import PrefoptError
 MARKER = ".prefopt-run"
 _OURS = re.compile(
     r"^(config\.yaml|data-fingerprint\.json|metrics\.jsonl|summary\.json|final|checkpoint-\d+|tmp-checkpoint-\d+"
-    r"|\.staging|runs|\.prefopt-run)$"
+    r"|\.staging|\.staging-final|runs|\.prefopt-run)$"
 )
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 

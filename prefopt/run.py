@@ -270,13 +270,12 @@ def _already_finished(start: RunStart) -> TrainResult:
     """--resume on a finished run: say so and change nothing."""
     for note in start.notes:
         print(f"prefopt: {note}")
-    summary = json.loads((start.output_dir / "summary.json").read_text())
     return TrainResult(
         output_dir=start.output_dir,
         final_dir=start.output_dir / "final",
         steps=start.finished,
-        reference=summary.get("reference", ""),
-        summary=summary,
+        reference=start.summary.get("reference", ""),
+        summary=start.summary,
     )
 
 

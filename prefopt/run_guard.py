@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,24 +207,45 @@ def _trainer_state(checkpoint: Path) -> dict:
         return {}
 
 
+_TRAINING_STATE = re.compile(
+    r"^(optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state.*\.pth|trainer_state\.json|training_args\.bin|prefopt_state\.json)$"
+)
+
+
 def finished_steps(saved: dict, config: TrainConfig, folder: Path) -> int | None:
-    """The steps of a finished run that `config` would not extend; None if there is training left."""
-    if not ((folder / "final").is_dir() and (folder / "summary.json").exists()):
-        return None
+    """The steps of a finished run that `config` would not extend; None if there is training left.
+
+    Finished: the newest checkpoint (or summary.json with final/) has done the planned steps. The
+    plan is `config.max_steps`, or with -1 the number of steps transformers counted for the same
+    num_epochs. transformers, resumed from a checkpoint at or past the plan, would train one more step.
+    """
     found = checkpoints(folder)
     state = _trainer_state(found[-1]) if found else {}
-    try:
-        done = int(json.loads((folder / "summary.json").read_text()).get("steps", 0))
-    except (OSError, json.JSONDecodeError, TypeError, ValueError):
-        return None
-    done = max(done, int(state.get("global_step", 0)))
+    done = int(state.get("global_step", 0))
+    if (folder / "final").is_dir() and (folder / "summary.json").exists():
+        try:
+            done = max(done, int(json.loads((folder / "summary.json").read_text()).get("steps", 0)))
+        except (OSError, json.JSONDecodeError, TypeError, ValueError):
+            pass
     if config.max_steps > 0:
         planned = config.max_steps
     elif saved.get("max_steps") == -1 and saved.get("num_epochs") == config.num_epochs and state.get("max_steps"):
         planned = int(state["max_steps"])  # the same epochs: transformers' count of their steps
     else:
         return None  # the plan changed to epochs or more epochs: let training continue
-    return done if done >= planned else None
+    return done if done and done >= planned else None
+
+
+def complete_from_checkpoint(folder: Path) -> Path:
+    """final/ from the newest checkpoint (its model and tokenizer files, not the training state),
+    for a run stopped after its last checkpoint and before final/ was written. Written whole."""
+    checkpoint = checkpoints(folder)[-1]
+    staging = folder / ".staging-final"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(checkpoint, staging, ignore=lambda _, names: [n for n in names if _TRAINING_STATE.match(n)])
+    shutil.rmtree(folder / "final", ignore_errors=True)
+    os.replace(staging, folder / "final")
+    return checkpoint
 
 
 # -- the one entry point run.py calls ---------------------------------------------------------
@@ -237,6 +259,7 @@ class RunStart:
     lock: RunLock
     resume: bool  # continue from a checkpoint (False: a fresh start, even if --resume was given)
     finished: int | None = None
+    summary: dict = field(default_factory=dict)  # a finished run's summary.json
     notes: list[str] = field(default_factory=list)  # lines to print, e.g. why nothing is done
 
     def release(self) -> None:
@@ -280,6 +303,8 @@ def _begin_locked(config: TrainConfig, folder: Path, lock: RunLock) -> RunStart:
             start = _check_resume(config, folder, lock)
             if start.finished is None:
                 _write_identity(config, folder)  # the new length or cadence is what the next --resume compares with
+            elif not (folder / "final").is_dir() or not (folder / "summary.json").exists():
+                _complete(start)
             return start
         # --resume with nothing to continue from (no checkpoint yet): start over with the new settings.
         prepare_output_dir(folder, resume=False, overwrite=True)
@@ -287,6 +312,16 @@ def _begin_locked(config: TrainConfig, folder: Path, lock: RunLock) -> RunStart:
         prepare_output_dir(folder, resume=config.resume and not config.overwrite, overwrite=config.overwrite)
     _write_identity(config, folder)
     return RunStart(folder, lock, resume=False)
+
+
+def _complete(start: RunStart) -> None:
+    """The planned steps are done but final/ or summary.json is missing: write them from the newest checkpoint."""
+    folder = start.output_dir
+    checkpoint = complete_from_checkpoint(folder)
+    if not (folder / "summary.json").exists():
+        start.summary = {"steps": start.finished, "final_from": checkpoint.name}
+        _write_atomic(folder / "summary.json", json.dumps(start.summary, indent=2))
+    start.notes.append(f"final/ was missing (stopped after the last checkpoint): written from {checkpoint.name}")
 
 
 def _continuable(folder: Path) -> bool:
@@ -313,6 +348,10 @@ def _check_resume(config: TrainConfig, folder: Path, lock: RunLock) -> RunStart:
     steps = finished_steps(saved, config, folder)
     start = RunStart(folder, lock, resume=True, finished=steps)
     if steps is not None:
+        try:
+            start.summary = json.loads((folder / "summary.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
         start.notes.append(
             f"{folder} holds a finished run ({steps} steps); nothing to do. To train further, raise --max-steps "
             "or --num-epochs with --resume; to start over, pass --overwrite"

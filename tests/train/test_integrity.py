@@ -147,6 +147,23 @@ def test_resuming_a_finished_run_changes_nothing_until_max_steps_is_raised(
     assert load_yaml(out / "config.yaml")["resume"] is False  # still re-runnable as --config elsewhere
 
 
+def test_resuming_a_run_stopped_before_final_writes_final_from_its_last_checkpoint(
+    finished_run, tmp_path, tiny_model_dir, capsys
+):
+    out, data = copy_run(finished_run, tmp_path)
+    shutil.rmtree(out / "final")  # killed after checkpoint-4 was saved, before final/ was written
+    (out / "summary.json").unlink()
+    metrics = (out / "metrics.jsonl").read_bytes()
+    code, stdout, _ = cli(capsys, *base_argv(tiny_model_dir, out, data), "--max-steps", "4", "--resume")
+    assert code == 0 and "holds a finished run (4 steps)" in stdout and "written from checkpoint-4" in stdout
+    assert (out / "metrics.jsonl").read_bytes() == metrics and not (out / "checkpoint-5").exists()
+    weights = (out / "final" / "model.safetensors").read_bytes()
+    assert weights == (out / "checkpoint-4" / "model.safetensors").read_bytes()
+    assert not (out / "final" / "optimizer.pt").exists() and (out / "final" / "tokenizer.json").exists()
+    assert main([*base_argv(tiny_model_dir, out, data), "--max-steps", "4", "--resume"]) == 0  # still finished
+    assert (out / "final" / "model.safetensors").read_bytes() == weights
+
+
 def test_resume_refuses_a_different_run_with_a_one_line_diff(finished_run, tmp_path, tiny_model_dir, capsys):
     out, data = copy_run(finished_run, tmp_path)
     before = snapshot(out)
