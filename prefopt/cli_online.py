@@ -135,6 +135,44 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_iterate(args: argparse.Namespace) -> int:
+    """defaults < YAML (--config: training keys and loop keys together) < flags."""
+    from prefopt.config import FIELDS, ConfigError, build_config
+    from prefopt.iterate import ITERATE_KEYS, IterateSettings, format_table, iterate
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config")}
+    raw = load_yaml_mapping(args.config) if getattr(args, "config", None) else {}
+    unknown = sorted(set(raw) - ITERATE_KEYS - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"{args.config}: unknown key '{unknown[0]}' (neither a training nor a loop setting)")
+    loop = {k: v for k, v in raw.items() if k in ITERATE_KEYS}
+    for name in ITERATE_KEYS & set(given):
+        value = given.pop(name)
+        loop[name] = {**(loop.get(name) or {}), **dict(value)} if name == "reward_args" else value
+    if "loss_args" in given:
+        given["loss_args"] = dict(given["loss_args"])
+    config = build_config({k: v for k, v in raw.items() if k not in ITERATE_KEYS}, given)
+    settings = IterateSettings(**loop)
+    print(format_table(iterate(settings, config), settings.reward))
+    return 0
+
+
+def load_yaml_mapping(path: str) -> dict:
+    import yaml
+
+    from prefopt.config import ConfigError
+
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys")
+    return values
+
+
 def _add_sample_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="a model folder, the alias, or a run's final/")
     parser.add_argument("--num-samples", type=int, default=4, help="completions per prompt (N)")
@@ -199,3 +237,31 @@ def add_commands(commands) -> None:
     _add_reward_options(pairs)
     pairs.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     pairs.set_defaults(run=_cmd_pairs)
+
+    from prefopt.cli import _add_train_options
+
+    loop = commands.add_parser(
+        "iterate",
+        help="online iterative DPO / rejection sampling: sample, score, pair, train, for --rounds rounds",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_train_options(loop)  # --model, --loss, --output-dir, ... as for train
+    s = argparse.SUPPRESS
+    loop.add_argument("--prompts", nargs="+", default=s, help="prompt-only or preference files")
+    loop.add_argument("--reward", default=s, help="registered reward name")
+    loop.add_argument(
+        "--reward-arg", dest="reward_args", action="append", type=_parse_arg, default=s, metavar="NAME=VALUE"
+    )
+    loop.add_argument("--reward-module", action="append", default=s, help="import this .py file first")
+    loop.add_argument("--rounds", type=int, default=s, help="rounds of sample, score, pair, train (default 2)")
+    loop.add_argument("--num-samples", type=int, default=s, help="completions per prompt (default 4)")
+    loop.add_argument("--max-new-tokens", type=int, default=s, help="tokens per completion (default 64)")
+    loop.add_argument("--temperature", type=float, default=s, help="sampling temperature (default 1.0)")
+    loop.add_argument("--top-p", type=float, default=s, help="nucleus mass (default 1.0)")
+    loop.add_argument("--sample-batch-size", type=int, default=s, help="prompts per generate call (default 8)")
+    loop.add_argument("--prompts-per-round", type=int, default=s, help="default: training prompts / rounds")
+    loop.add_argument("--held-out", type=int, default=s, help="first N prompts: never trained on, scored greedily")
+    loop.add_argument("--selection", default=s, help="best-worst | best-random | all | best-of-n (default best-worst)")
+    loop.add_argument("--min-margin", type=float, default=s, help="drop pairs with a smaller reward gap")
+    loop.add_argument("--threshold", type=float, default=s, help="best-of-n: keep the best from this reward on")
+    loop.set_defaults(run=_cmd_iterate)
