@@ -21,6 +21,48 @@ PAIRS = [
 ]
 
 
+# float32 rounding, the yardstick for comparing two computations of the same value (prefopt's vs
+# TRL's, an optimised path vs the plain one). They differ only by rounding, which depends on the
+# order of summation: kernel blocking, batch shape, the CPU's vector width. So an absolute tolerance
+# that passes on one CPU can fail on another (1.4e-6 against 1e-6 was seen). Rounding errors of a
+# reduction over n terms add up like a random walk, ~sqrt(n) * eps * the magnitude of the terms;
+# the longest reduction behind these tests is the tiny model's 259-entry log-softmax, so the
+# tolerance is sqrt(256) * eps = 1.9e-6 relative to the magnitude. A wrong formula (a missing
+# beta, a swapped side, a mean for a sum) is off by a large fraction of the value itself.
+F32_EPS = torch.finfo(torch.float32).eps  # 2**-23
+F32_TERMS = 256
+
+
+def f32_error(actual, expected, scale=None, terms: int = F32_TERMS) -> float:
+    """max |actual - expected| in units of float32 rounding: sqrt(terms) * eps * magnitude.
+
+    The magnitude is `scale` where given (the size of the operands, when the value is a small
+    difference of large sums, such as a log-ratio of summed log-probs, which keeps only the sums'
+    absolute precision), else the largest |expected| (one tensor's elements come out of the same
+    reductions). Below 1 is "equal up to float32 rounding"."""
+    actual, expected = torch.as_tensor(actual, dtype=torch.float64), torch.as_tensor(expected, dtype=torch.float64)
+    magnitude = expected.abs().max().item() if scale is None else float(scale)
+    return (actual - expected).abs().max().item() / (terms**0.5 * F32_EPS * max(magnitude, 1e-30))
+
+
+def assert_f32_close(actual, expected, scale=None, what: str = "", terms: int = F32_TERMS) -> None:
+    error = f32_error(actual, expected, scale, terms)
+    assert error <= 1.0, f"{what}: {actual} vs {expected} differ by {error:.2f} x the float32 tolerance"
+
+
+# A gradient passes through more reductions than a forward value: back through the 259-way
+# vocabulary, the 128- and 64-wide layers and attention over the positions, then summed over every
+# position of the batch (8 x 35 in the TRL comparison): about a thousand terms. Compared as a whole
+# tensor, relative to its norm, since single entries can be sums that cancel to near zero.
+F32_GRAD_TERMS = 1024
+
+
+def assert_f32_grad_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    error = (actual - expected).double().norm().item() / (expected.double().norm().item() or 1e-30)
+    units = error / (F32_GRAD_TERMS**0.5 * F32_EPS)
+    assert units <= 1.0, f"{what}: relative difference {error:.2e} is {units:.2f} x the float32 tolerance"
+
+
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """One token per byte (ByteLevel alphabet, no merges) plus ChatML specials: any text round-trips."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()

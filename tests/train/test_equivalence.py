@@ -1,11 +1,11 @@
-"""Each optimisation equals the plain path (1e-5 relative, float32), on a tiny model, for every required loss:
+"""Each optimisation equals the plain path (to float32 rounding), on a tiny model, for every required loss:
 chunked vs unchunked log-probs and KL (fused linear-head path and checkpointed path), lean RMSNorm/SwiGLU
 vs stock modules, prefix-shared vs two sequences, per-example values independent of padding
 (grouped vs plain batches), cached vs online reference."""
 
 import pytest
 import torch
-from helpers import byte_tokenizer, tiny_llama
+from helpers import assert_f32_grad_close, byte_tokenizer, f32_error, tiny_llama
 
 from prefopt.data import (
     PairExample,
@@ -29,8 +29,10 @@ LONG_PAIR = PairExample("Tell me a long story about a cat. " * 3, " Once upon a 
 REQUIRED = ["dpo", "dpop", "tdpo1", "tdpo2", "orpo", "kto"]
 
 
-def close(a, b, rtol=1e-5, atol=1e-5):
-    return torch.allclose(a, b, rtol=rtol, atol=atol)
+def close(a, b, scale=None):
+    """Equal up to float32 rounding relative to the tensor's largest entry (see helpers.f32_error):
+    chunking, prefix sharing and lean modules change only the order of summation."""
+    return f32_error(a, b, scale) <= 1.0
 
 
 def tokenized(name, pairs=PAIRS):
@@ -70,6 +72,17 @@ def loss_from(name, batch, logps, lengths, kl, ref_logps):
         ref_logps[k] if len(k) else None,
     )
     return get_loss(name)(inputs).loss
+
+
+def loss_size(name, batch, logps, lengths, kl, ref_logps) -> float:
+    """|loss| plus how far rounding relative to its inputs' sizes can move it, to first order:
+    sum |d loss / d input| * |input| (DPOP's lambda = 50 makes the loss 50x more sensitive than DPO's)."""
+    inputs = [t.detach().clone().requires_grad_() for t in (logps, kl, ref_logps)]
+    loss = loss_from(name, batch, inputs[0], lengths, inputs[1], inputs[2])
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return abs(loss.item()) + sum(
+        (g * t).abs().sum().item() for g, t in zip(grads, inputs, strict=True) if g is not None
+    )
 
 
 def optimised_scores(model, ref, tok, items, with_kl, share_prefix, chunk_size, token_kl):
@@ -119,16 +132,21 @@ def test_optimised_path_equals_plain_path(name, share_prefix, chunk_size, lean, 
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[label] = (logps.detach(), lengths, kl.detach(), ref_logps, loss.detach(), grads)
+        if label == "plain":
+            size = loss_size(name, batch, logps, lengths, kl, ref_logps)
     plain, fast = results["plain"], results["optimised"]
+    # A token's KL is a full-vocabulary sum of terms as large as its log-probs that cancel to a small
+    # value: its rounding is relative to the summed log-probs' size, not to its own (up to 6 x the
+    # tolerance relative to its own size was seen).
+    scales = {"kl": plain[0].abs().max(), "loss": size}
     for i, what in enumerate(["logps", "lengths", "kl", "reference logps", "loss"]):
         if what != "kl" or spec.needs_token_kl:
-            assert close(plain[i], fast[i]), what
+            assert close(fast[i], plain[i], scales.get(what)), what
     assert plain[2].abs().sum() > 0  # a real KL between different models
     assert set(plain[5]) == set(fast[5])
     for param, grad in plain[5].items():
-        # relative to the gradient's norm: DPOP's lambda = 50 makes gradients ~10, float32 noise ~1e-5 absolute
-        relative = ((grad - fast[5][param]).norm() / grad.norm().clamp(min=1e-12)).item()
-        assert relative < 1e-5, (param, relative)
+        # relative to the gradient's norm: DPOP's lambda = 50 makes gradients ~10
+        assert_f32_grad_close(fast[5][param], grad, param)
 
 
 def test_values_do_not_depend_on_batch_neighbours_or_padding():
@@ -183,6 +201,6 @@ def test_fused_and_checkpointed_token_kl_paths_agree():
         (logps.sum() + 3 * kl.sum()).backward()
         results.append((logps.detach(), kl.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (logps_a, kl_a, grads_a), (logps_b, kl_b, grads_b) = results
-    assert close(logps_a, logps_b) and close(kl_a, kl_b)
+    assert close(logps_b, logps_a) and close(kl_b, kl_a, logps_a.abs().max())  # KL: see above
     for name, grad in grads_a.items():
-        assert ((grad - grads_b[name]).norm() / grad.norm().clamp(min=1e-12)).item() < 1e-5, name
+        assert_f32_grad_close(grads_b[name], grad, name)
