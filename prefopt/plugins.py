@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import sys
@@ -16,7 +17,11 @@ def import_loss_module(name_or_path: str) -> None:
     if name_or_path.endswith(".py"):
         if not path.is_file():
             raise PrefoptError(f"--loss-module: file not found: {name_or_path}")
-        module_name = f"prefopt_user_{path.stem}"
+        # Keyed by the resolved path, not the stem: two files named losses.py in different folders
+        # are two modules (the second was silently skipped), while one file named twice, by any
+        # relative path or symlink, is imported once.
+        resolved = str(path.resolve())
+        module_name = f"prefopt_user_{path.stem}_{hashlib.sha1(resolved.encode()).hexdigest()[:12]}"
         if module_name in sys.modules:
             return
         spec = importlib.util.spec_from_file_location(module_name, path)

@@ -16,3 +16,12 @@ def smollm2_tokenizer():
     from prefopt.hub import load_tokenizer
 
     return load_tokenizer("smollm2-135m-instruct")
+
+
+@pytest.fixture(autouse=True)
+def _loss_registry_restored():
+    """A loss a test registers (its own, the README's example, a --loss-module file) ends with the test."""
+    from prefopt.losses import temporary_losses
+
+    with temporary_losses():
+        yield

@@ -4,7 +4,15 @@ from prefopt.losses import LossInputs, LossOutput, register_loss, get_loss, avai
 """
 
 from prefopt.losses.base import LossError, LossInputs, LossOutput
-from prefopt.losses.registry import LossSpec, available_losses, get_loss, get_loss_spec, register_loss
+from prefopt.losses.registry import (
+    LossSpec,
+    available_losses,
+    get_loss,
+    get_loss_spec,
+    register_loss,
+    temporary_losses,
+    unregister_loss,
+)
 
 # Importing a module registers the losses it defines.
 from prefopt.losses import (  # noqa: E402,F401  isort: skip
@@ -33,4 +41,6 @@ __all__ = [
     "get_loss",
     "get_loss_spec",
     "register_loss",
+    "temporary_losses",
+    "unregister_loss",
 ]

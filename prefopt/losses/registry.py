@@ -1,6 +1,7 @@
 """The loss registry: names -> pure loss functions plus what each one needs.
 
-A loss is registered with `@register_loss(name, needs_reference=..., ...)`. Its
+A loss is registered with `@register_loss(name, needs_reference=..., ...)` and removed with
+`unregister_loss(name)`; `with temporary_losses():` undoes whatever a block registers. Its
 hyperparameters are its keyword-only parameters; their defaults are the defaults.
 `get_loss(name)` returns a plain function `fn(inputs, **hyperparameters) -> LossOutput`
 that validates names, values and shapes first, and carries the declaration as `fn.spec`
@@ -9,9 +10,10 @@ so the trainer can compute exactly what the loss needs without knowing its name.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,6 +118,28 @@ def register_loss(
         return fn
 
     return decorator
+
+
+def unregister_loss(name: str) -> LossSpec:
+    """Remove a registered loss and return its spec (to register it again, or restore it)."""
+    try:
+        return _REGISTRY.pop(name)
+    except KeyError:
+        raise LossError(f"no loss named '{name}' is registered") from None
+
+
+@contextlib.contextmanager
+def temporary_losses() -> Iterator[None]:
+    """Losses registered (or replaced, or unregistered) inside the block are undone when it ends.
+
+    For tests and notebooks that try a loss out: `with temporary_losses(): register_loss(...)(fn)`.
+    """
+    saved = dict(_REGISTRY)
+    try:
+        yield
+    finally:
+        _REGISTRY.clear()
+        _REGISTRY.update(saved)
 
 
 def available_losses() -> list[str]:

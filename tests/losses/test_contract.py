@@ -6,7 +6,17 @@ import sys
 import pytest
 import torch
 
-from prefopt.losses import LossError, LossInputs, LossOutput, available_losses, get_loss, get_loss_spec, register_loss
+from prefopt.losses import (
+    LossError,
+    LossInputs,
+    LossOutput,
+    available_losses,
+    get_loss,
+    get_loss_spec,
+    register_loss,
+    temporary_losses,
+    unregister_loss,
+)
 
 REQUIRED = ["dpo", "dpop", "tdpo1", "tdpo2", "orpo", "kto"]
 
@@ -198,18 +208,39 @@ def test_needs_are_declared():
     assert get_loss("tdpo2").spec.hyperparameters == {"beta": 0.1, "alpha": 0.5}
 
 
-def test_user_registered_loss_is_usable_by_name():
-    @register_loss("test_margin", needs_reference=False)
-    def margin_loss(inputs: LossInputs, *, margin: float = 1.0) -> LossOutput:
-        """Hinge on raw log-prob margins."""
-        return LossOutput(torch.relu(margin - (inputs.policy_chosen_logps - inputs.policy_rejected_logps)).mean())
+def margin_loss(inputs: LossInputs, *, margin: float = 1.0) -> LossOutput:
+    """Hinge on raw log-prob margins."""
+    return LossOutput(torch.relu(margin - (inputs.policy_chosen_logps - inputs.policy_rejected_logps)).mean())
 
-    inputs = LossInputs(torch.tensor([-1.0]), torch.tensor([-1.5]))
-    assert get_loss("test_margin")(inputs).loss.item() == pytest.approx(0.5)
-    assert get_loss("test_margin")(inputs, margin=2.0).loss.item() == pytest.approx(1.5)
-    assert "test_margin" in available_losses()
-    with pytest.raises(LossError, match="already registered"):
-        register_loss("test_margin")(margin_loss)
+
+def test_user_registered_loss_is_usable_by_name():
+    with temporary_losses():
+        register_loss("test_margin", needs_reference=False)(margin_loss)
+        inputs = LossInputs(torch.tensor([-1.0]), torch.tensor([-1.5]))
+        assert get_loss("test_margin")(inputs).loss.item() == pytest.approx(0.5)
+        assert get_loss("test_margin")(inputs, margin=2.0).loss.item() == pytest.approx(1.5)
+        assert "test_margin" in available_losses()
+        with pytest.raises(LossError, match="already registered"):
+            register_loss("test_margin")(margin_loss)
+    assert "test_margin" not in available_losses()
+
+
+def test_unregister_and_temporary_losses_restore_the_registry():
+    before = available_losses()
+    dpo_spec = get_loss_spec("dpo")
+    with temporary_losses():
+        register_loss("test_margin", needs_reference=False)(margin_loss)
+        register_loss("dpo", needs_reference=False, replace=True)(margin_loss)  # shadow a built-in
+        assert unregister_loss("ipo").name == "ipo"
+        assert "ipo" not in available_losses() and get_loss_spec("dpo").fn is margin_loss
+        with pytest.raises(LossError, match="unknown loss 'ipo'"):
+            get_loss("ipo")
+    assert available_losses() == before and get_loss_spec("dpo") is dpo_spec
+    with temporary_losses():
+        unregister_loss("ipo")
+        with pytest.raises(LossError, match="no loss named 'ipo' is registered"):
+            unregister_loss("ipo")
+    assert available_losses() == before
 
 
 def test_cli_lists_losses_with_hyperparameters(tmp_path):
