@@ -4,7 +4,20 @@ from prefopt import train, TrainConfig
 result = train(TrainConfig(loss="dpo", model="smollm2-135m-instruct", data="data_samples/standard.jsonl"))
 """
 
+import logging
+
 __version__ = "0.1.0"
+
+
+def _not_the_kernels_note(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+# transformers' Trainer imports peft, and peft imports bitsandbytes unconditionally, so every run
+# imports bitsandbytes, which on AVX512-BF16 CPUs logs that the optional `kernels` package is
+# missing. That kernel only serves bitsandbytes' packed CPU layout, which prefopt turns off
+# (prefopt.model.keep_4bit_layers_unpacked): nothing to act on, so only that line is dropped.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_kernels_note)
 
 __all__ = ["TrainConfig", "TrainResult", "train", "__version__"]
 

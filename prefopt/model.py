@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from prefopt.config import ConfigError, TrainConfig
@@ -88,9 +90,13 @@ def load_policy(config: TrainConfig):
     if config.lora:
         from peft import get_peft_model, prepare_model_for_kbit_training
 
-        if config.load_in_4bit:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
-        model = get_peft_model(model, _lora_config(config))
+        with warnings.catch_warnings():
+            # peft reads the model's `is_gradient_checkpointing`, an alias transformers 5 deprecated
+            # (FutureWarning on every LoRA run); it is peft's call to update, not the user's.
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            if config.load_in_4bit:
+                model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+            model = get_peft_model(model, _lora_config(config))
     if config.lean_activations:
         from prefopt.lean import make_lean
 

@@ -7,6 +7,10 @@ so that every machine runs both, whichever one its CPU would pick.
 """
 
 import copy
+import logging
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
@@ -102,7 +106,10 @@ def test_prefopt_keeps_4bit_layers_unpacked_so_gradients_survive_an_evaluation(t
     with torch.no_grad():
         model(input_ids=IDS)
     assert not any(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) for layer in layers)
-    after = adapter_grads(model)
+    with warnings.catch_warnings(record=True) as caught:  # torch's (truncated) line on the console
+        warnings.simplefilter("always")
+        after = adapter_grads(model)
+    assert not [w for w in caught if "autograd kernel was not registered" in str(w.message)]
     first = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"
     assert before[first].abs().max() > 1e-5
     for name in before:
@@ -125,3 +132,27 @@ def test_4bit_layers_the_packed_layout_cannot_take_evaluate(tmp_path):
     k_proj = model.base_model.model.model.layers[0].self_attn.k_proj.base_layer  # 48 -> 24
     with pytest.raises(AssertionError, match="N must be divisible"):
         _convert_weight_packed_for_cpu(k_proj.weight.data.clone(), copy.deepcopy(k_proj.weight.quant_state))
+
+
+def test_loading_a_lora_model_raises_no_deprecation_warning(tiny_model_dir):
+    """peft reads transformers' deprecated `is_gradient_checkpointing`; prefopt.model silences exactly that."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_4bit(tiny_model_dir)
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+
+def test_importing_prefopt_drops_only_the_bitsandbytes_kernels_note():
+    """transformers' Trainer imports peft, which imports bitsandbytes: on AVX512-BF16 CPUs that logged
+    "Failed to load CPU gemm_4bit_forward from kernels-community" on every run."""
+    code = "import prefopt.trainer, sys; assert 'bitsandbytes' in sys.modules"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "gemm_4bit_forward" not in result.stderr + result.stdout
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+
+    def passes(message: str) -> bool:
+        return logger.filter(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, message, (), None))
+
+    assert not passes("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'.")
+    assert passes("any other bitsandbytes warning")
