@@ -48,7 +48,19 @@ class TrainConfig:
     # model
     model: str = _help("local model folder, or the alias smollm2-135m-instruct", default="smollm2-135m-instruct")
     dtype: str = _help(
-        "auto | float32 | bfloat16 | float16 (auto: bf16 on a GPU that has it, else fp32)", default="auto"
+        "auto | float32 | bfloat16 | float16: what the weights are kept in (auto: float32, the master weights "
+        "of mixed precision; bf16/fp16 weights are leanest and train with Kahan-compensated AdamW)",
+        default="auto",
+    )
+    mixed_precision: str = _help(
+        "auto | no | bf16 | fp16: autocast compute over float32 weights (auto: bf16 where the CPU or GPU has "
+        "bf16 matmul units: AMX, AVX512-BF16, Ampere+; else none). fp16 needs a GPU",
+        default="auto",
+    )
+    optimizer: str = _help(
+        "auto | adamw | adamw_kahan: auto is adamw for float32 weights and adamw_kahan (torch-optimi) for "
+        "bf16/fp16 weights, whose small updates plain AdamW rounds away (it warns with the share kept)",
+        default="auto",
     )
     lora: bool = _help("train a LoRA adapter instead of all weights", default=False)
     lora_r: int = _help("LoRA rank", default=16)
@@ -124,6 +136,8 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+OPTIMIZERS = ("auto", "adamw", "adamw_kahan")
 
 # Ranges, checked after the type: (test, what the value must be).
 _RANGES: dict[str, tuple] = {
@@ -172,6 +186,8 @@ def _formats() -> tuple[str, ...]:
 _CHOICES: dict[str, Any] = {
     "reference": REFERENCE_MODES,
     "dtype": DTYPES,
+    "mixed_precision": MIXED_PRECISION,
+    "optimizer": OPTIMIZERS,
     "format": _formats,
     "lr_scheduler": _schedulers,
 }

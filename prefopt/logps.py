@@ -10,6 +10,11 @@ autograd function (`_LinearHeadLogps`), otherwise through activation checkpointi
 TDPO's KL(pi_ref(.|x,y<t) || pi_theta(.|x,y<t)) is computed in the same chunks from the
 reference's hidden states at the same positions (full vocabulary), then summed per sequence:
 fused (`_LinearHeadLogpsKL`) when both heads are plain linear layers, else checkpointed.
+
+Mixed precision (bf16/fp16 autocast): the head's matmuls run in the low precision (they are a
+fifth of a small model's FLOPs), but logsumexp, log-probs, the KL's vocabulary sums and the
+per-sequence sums are fp32: DPO takes small differences of these large sums. The fused functions'
+backward runs under the autocast their forward ran under, so recomputed logits match.
 """
 
 from __future__ import annotations
@@ -100,13 +105,53 @@ def _chunk_scores(head_weight_owner, hidden, targets, ref_hidden, ref_head):
     return token_logps, kl
 
 
+def _autocast_state(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force for `device_type` (None: autocast is off)."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _same_autocast(ctx):
+    """Backward under the autocast the forward ran under (as `torch.amp.custom_bwd` does), so the
+    logits it recomputes are the forward's own: softmax = exp(logits - lse) with both from one matmul."""
+    return torch.autocast(ctx.device_type, dtype=ctx.amp or torch.float32, enabled=ctx.amp is not None)
+
+
+def _save_autocast(ctx, tensor: torch.Tensor) -> None:
+    ctx.device_type = tensor.device.type
+    ctx.amp = _autocast_state(ctx.device_type)
+
+
+def _no_autocast(tensor: torch.Tensor):
+    return torch.autocast(tensor.device.type, enabled=False)
+
+
+def _linear(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden @ weight^T in the wider of the two dtypes (autocast off: fp32 states with fp32 weights)."""
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    return F.linear(hidden.to(dtype), weight.to(dtype))
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_v a[i, v] * b[i, v] per row, in the inputs' dtype even under autocast (bmm is on
+    autocast's low-precision list, and these are sums over the whole vocabulary)."""
+    with _no_autocast(a):
+        return torch.bmm(a[:, None, :], b[:, :, None]).view(-1)
+
+
 def _head_backward(grad_logits, hidden, weight, sl, grad_hidden, grad_weight) -> None:
-    """One chunk's d loss / d logits -> the hidden states' rows `sl` and the head weight (accumulated)."""
+    """One chunk's d loss / d logits -> the hidden states' rows `sl` and the head weight (accumulated).
+
+    Under autocast (mixed precision) both matmuls run in its low precision, as the forward's did;
+    the weight gradient still accumulates over chunks in fp32.
+    """
     grad_logits = grad_logits.to(weight.dtype)
     if grad_hidden is not None:
         grad_hidden[sl] = grad_logits @ weight
     if grad_weight is not None:
-        grad_weight.addmm_(grad_logits.T.to(grad_weight.dtype), hidden[sl].to(grad_weight.dtype))
+        if torch.is_autocast_enabled(grad_logits.device.type):  # in-place addmm_ would bypass autocast
+            grad_weight.add_(grad_logits.T @ hidden[sl])
+        else:
+            grad_weight.addmm_(grad_logits.T.to(grad_weight.dtype), hidden[sl].to(grad_weight.dtype))
 
 
 class _LinearHeadLogps(torch.autograd.Function):
@@ -131,6 +176,7 @@ class _LinearHeadLogps(torch.autograd.Function):
             del logits
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk_size = chunk_size
+        _save_autocast(ctx, hidden)
         return logps
 
     @staticmethod
@@ -139,14 +185,15 @@ class _LinearHeadLogps(torch.autograd.Function):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if want_weight else None
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            sl = slice(start, start + ctx.chunk_size)
-            g = grad_logps[sl, None].float()
-            grad_logits = F.linear(hidden[sl], weight).float()
-            grad_logits.sub_(lse[sl, None]).exp_().mul_(-g)  # -g * softmax
-            grad_logits.scatter_add_(-1, targets[sl, None], g)  # + g * onehot(target)
-            _head_backward(grad_logits, hidden, weight, sl, grad_hidden, grad_weight)
-            del grad_logits
+        with _same_autocast(ctx):
+            for start in range(0, hidden.shape[0], ctx.chunk_size):
+                sl = slice(start, start + ctx.chunk_size)
+                g = grad_logps[sl, None].float()
+                grad_logits = F.linear(hidden[sl], weight).float()
+                grad_logits.sub_(lse[sl, None]).exp_().mul_(-g)  # -g * softmax
+                grad_logits.scatter_add_(-1, targets[sl, None], g)  # + g * onehot(target)
+                _head_backward(grad_logits, hidden, weight, sl, grad_hidden, grad_weight)
+                del grad_logits
         if want_weight:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None
@@ -162,6 +209,9 @@ class _LinearHeadLogpsKL(torch.autograd.Function):
     logits and forms g_kl (q - p) + g_logp (onehot - q) in place: two chunk x vocabulary buffers
     alive, where the checkpointed generic path holds about seven (logits, log-softmax, their
     reference twins, the product and the gradients).
+
+    Under mixed precision this function runs in fp32 throughout (autocast off): the KL compares two
+    distributions that differ by less than bf16 resolves in the logits, so bf16 logits would make it noise.
     """
 
     @staticmethod
@@ -171,19 +221,20 @@ class _LinearHeadLogpsKL(torch.autograd.Function):
         logps = torch.empty(n, device=hidden.device, dtype=acc)
         kl = torch.empty_like(logps)
         lse, ref_lse = torch.empty_like(logps), torch.empty_like(logps)
-        for start in range(0, n, chunk_size):
-            sl = slice(start, start + chunk_size)
-            logits = F.linear(hidden[sl], weight).to(acc)
-            lse[sl] = torch.logsumexp(logits, dim=-1)
-            logps[sl] = logits.gather(-1, targets[sl, None]).squeeze(-1) - lse[sl]
-            ref_logp = F.linear(ref_hidden[sl], ref_weight).to(acc)
-            ref_lse[sl] = torch.logsumexp(ref_logp, dim=-1)
-            ref_logp.sub_(ref_lse[sl, None])
-            ref_p = ref_logp.exp()
-            # sum_v p (log p - z) + logsumexp(z), as row-wise dot products (no third buffer)
-            ref_logp.sub_(logits)
-            kl[sl] = torch.bmm(ref_p[:, None, :], ref_logp[:, :, None]).view(-1) + lse[sl]
-            del logits, ref_logp, ref_p
+        with _no_autocast(hidden):
+            for start in range(0, n, chunk_size):
+                sl = slice(start, start + chunk_size)
+                logits = _linear(hidden[sl], weight).to(acc)
+                lse[sl] = torch.logsumexp(logits, dim=-1)
+                logps[sl] = logits.gather(-1, targets[sl, None]).squeeze(-1) - lse[sl]
+                ref_logp = _linear(ref_hidden[sl], ref_weight).to(acc)
+                ref_lse[sl] = torch.logsumexp(ref_logp, dim=-1)
+                ref_logp.sub_(ref_lse[sl, None])
+                ref_p = ref_logp.exp()
+                # sum_v p (log p - z) + logsumexp(z), as row-wise dot products (no third buffer)
+                ref_logp.sub_(logits)
+                kl[sl] = _rowdot(ref_p, ref_logp) + lse[sl]
+                del logits, ref_logp, ref_p
         ctx.save_for_backward(hidden, weight, targets, lse, ref_hidden, ref_weight, ref_lse)
         ctx.chunk_size = chunk_size
         return logps, kl
@@ -199,18 +250,19 @@ class _LinearHeadLogpsKL(torch.autograd.Function):
             grad_logps = torch.zeros_like(lse)
         if grad_kl is None:
             grad_kl = torch.zeros_like(lse)
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            sl = slice(start, start + ctx.chunk_size)
-            g_logp, g_kl = grad_logps[sl, None].to(acc), grad_kl[sl, None].to(acc)
-            grad_logits = F.linear(hidden[sl], weight).to(acc)
-            grad_logits.sub_(lse[sl, None]).exp_().mul_(g_kl - g_logp)  # (g_kl - g_logp) q
-            ref_p = F.linear(ref_hidden[sl], ref_weight).to(acc)
-            ref_p.sub_(ref_lse[sl, None]).exp_().mul_(g_kl)
-            grad_logits.sub_(ref_p)  # - g_kl p
-            del ref_p
-            grad_logits.scatter_add_(-1, targets[sl, None], g_logp)  # + g_logp onehot(target)
-            _head_backward(grad_logits, hidden, weight, sl, grad_hidden, grad_weight)
-            del grad_logits
+        with _no_autocast(hidden):
+            for start in range(0, hidden.shape[0], ctx.chunk_size):
+                sl = slice(start, start + ctx.chunk_size)
+                g_logp, g_kl = grad_logps[sl, None].to(acc), grad_kl[sl, None].to(acc)
+                grad_logits = _linear(hidden[sl], weight).to(acc)
+                grad_logits.sub_(lse[sl, None]).exp_().mul_(g_kl - g_logp)  # (g_kl - g_logp) q
+                ref_p = _linear(ref_hidden[sl], ref_weight).to(acc)
+                ref_p.sub_(ref_lse[sl, None]).exp_().mul_(g_kl)
+                grad_logits.sub_(ref_p)  # - g_kl p
+                del ref_p
+                grad_logits.scatter_add_(-1, targets[sl, None], g_logp)  # + g_logp onehot(target)
+                _head_backward(grad_logits, hidden, weight, sl, grad_hidden, grad_weight)
+                del grad_logits
         if want_weight:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None

@@ -13,6 +13,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_dtype(name: str) -> torch.dtype:
+    """The dtype to load a model in for inference (auto: bf16 on a GPU that has it, else fp32)."""
     if name == "auto":
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -20,6 +21,13 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
         raise ConfigError(f"dtype must be auto, {', '.join(_DTYPES)}; got '{name}'")
     return _DTYPES[name]
+
+
+def training_dtype(name: str) -> torch.dtype:
+    """The dtype a trained model's weights are kept in. auto is float32 everywhere: the master
+    weights that mixed precision computes from in bf16 where the hardware has bf16 units
+    (prefopt.precision); bf16 weights under a plain AdamW would drop DPO-sized updates."""
+    return torch.float32 if name == "auto" else resolve_dtype(name)
 
 
 def _load_causal_lm(config: TrainConfig, dtype: torch.dtype):
@@ -83,7 +91,7 @@ def _lora_config(config: TrainConfig):
 
 def load_policy(config: TrainConfig):
     """(model, tokenizer). With LoRA the model is a PEFT model whose base weights are frozen."""
-    dtype = resolve_dtype(config.dtype)
+    dtype = training_dtype(config.dtype)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     model = _load_causal_lm(config, dtype)
     model.config.use_cache = False
@@ -106,7 +114,7 @@ def load_policy(config: TrainConfig):
 
 def load_reference_copy(config: TrainConfig):
     """A second, frozen copy of the base model (4-bit too when the policy is)."""
-    model = _load_causal_lm(config, resolve_dtype(config.dtype))
+    model = _load_causal_lm(config, training_dtype(config.dtype))
     model.eval()
     model.requires_grad_(False)
     return model

@@ -101,11 +101,16 @@ def _tokenize(examples: list, tokenizer, config: TrainConfig, spec: LossSpec, la
     return items
 
 
-def _training_arguments(config: TrainConfig, has_eval: bool):
+def _device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _training_arguments(config: TrainConfig, has_eval: bool, precision=None):
+    from prefopt.precision import resolve_precision, training_flags
     from prefopt.trainer import PreferenceArguments
 
     cuda = torch.cuda.is_available()
-    autocast_bf16 = cuda and config.dtype == "auto" and torch.cuda.is_bf16_supported()
+    precision = precision or resolve_precision(config, _device_type())
     return PreferenceArguments(
         output_dir=config.output_dir,
         per_device_train_batch_size=config.batch_size,
@@ -127,7 +132,7 @@ def _training_arguments(config: TrainConfig, has_eval: bool):
         eval_steps=config.eval_steps,
         seed=config.seed,
         activation_checkpointing=config.gradient_checkpointing,
-        bf16=autocast_bf16,
+        **training_flags(precision),
         use_cpu=not cuda,
         report_to=config.report_to or "none",
         remove_unused_columns=False,
@@ -281,12 +286,16 @@ def _already_finished(start: RunStart) -> TrainResult:
 
 def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_examples, eval_examples, callbacks):
     """Load the policy, tokenize, pick the batch layout and reference; the trainer with its callbacks."""
+    from prefopt import precision as prec
     from prefopt.callbacks import GradientGuard, MetricsFile, StopOnSignal, install_progress
     from prefopt.logps import head_matches_model
     from prefopt.model import load_policy
     from prefopt.trainer import DictCollator, ListDataset, PreferenceTrainer
 
+    precision = prec.resolve_precision(config, _device_type())  # config errors before the model loads
     model, tokenizer = load_policy(config)
+    optimizer = prec.choose_optimizer(config.optimizer, model)
+    print(f"prefopt: precision: {precision.describe()}; optimizer {optimizer}")
     train_items = _tokenize(train_examples, tokenizer, config, spec, "train")
     eval_items = _tokenize(eval_examples, tokenizer, config, spec, "eval") if eval_examples else []
     for item in eval_items:  # one index space for both splits: it keys the reference cache
@@ -308,9 +317,11 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
     if getattr(reference, "path", None):
         print(f"prefopt: reference log-probs {'reused from' if reference.reused else 'cached in'} {reference.path}")
 
+    args = _training_arguments(config, bool(eval_items), precision)
     trainer = PreferenceTrainer(
         model=model,
-        args=_training_arguments(config, bool(eval_items)),
+        args=args,
+        optimizer_cls_and_kwargs=prec.optimizer_cls_and_kwargs(optimizer, config, args),
         train_dataset=ListDataset(train_items),
         eval_dataset=ListDataset(eval_items) if eval_items else None,
         data_collator=DictCollator(collator),
@@ -326,6 +337,8 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
     install_progress(trainer)
     trainer.add_callback(MetricsFile(output_dir / "metrics.jsonl"))
     trainer.add_callback(GradientGuard(trainer))
+    if optimizer == "adamw" and prec.low_precision_trainable(model):
+        trainer.add_callback(prec.DroppedUpdates())  # warns with the share of weights that moved
     stopper = StopOnSignal()
     trainer.add_callback(stopper)
     for callback in callbacks or []:
@@ -378,6 +391,12 @@ def _fit(trainer, checkpoint: Path | None, output_dir: Path) -> float:
 
 
 def _save_final(trainer, final_dir: Path, is_main: bool) -> None:
+    from prefopt.precision import fold_compensation
+
+    # bf16 weights with Kahan-compensated AdamW: final/ gets weight + compensation (fp32), not the
+    # bf16 weights alone, which lack the sub-ulp progress (prefopt.precision)
+    if fold_compensation(trainer.model, trainer.optimizer) and is_main:
+        print("prefopt: final/ holds float32 weights: the bf16 weights plus their Kahan compensation")
     trainer.save_model(str(final_dir))  # writes on the main process only
     if is_main:
         trainer.processing_class.save_pretrained(str(final_dir))

@@ -162,6 +162,14 @@ class PreferenceTrainer(TrainerHooks):
             "(or pass --skip-nonfinite N to skip such batches)"
         )
 
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
+        """Mixed precision: accelerate wraps only the policy's `forward` in autocast; the reference,
+        the output head and the loss run under the same one (transformers enters this around
+        compute_loss; `evaluate` enters it too). logps.py keeps the sums in fp32."""
+        from prefopt.precision import autocast_context
+
+        return autocast_context(self.args)
+
     def record_grad_norm(self, norm) -> None:
         # transformers computes the total (pre-clip) gradient norm every step; GradientGuard reads
         # it instead of making another pass over every gradient (it makes its own if a
@@ -271,7 +279,8 @@ class PreferenceTrainer(TrainerHooks):
         try:
             for inputs in dataloader:
                 batch = SequenceBatch(**self.prepared(inputs))
-                loss, metrics = self.batch_loss(self.model, batch)
+                with self.autocast_smart_context_manager():
+                    loss, metrics = self.batch_loss(self.model, batch)
                 n = len(batch.example_indices)
                 for name, value in {"loss": float(loss), **metrics}.items():
                     sums[name] += value * n

@@ -6,6 +6,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `mixed_precision: auto` means fp32 in the suite on every machine (prefopt.precision.bf16_units)
+os.environ.setdefault("PREFOPT_BF16_UNITS", "0")
 
 import pytest  # noqa: E402
 
