@@ -170,3 +170,15 @@ def test_preference_file_prompts_can_be_sampled():
     samples = sample_prompts(model, tok, prompts[:2], SampleSettings(num_samples=2, max_new_tokens=3, temperature=0))
     rendered = tok.apply_chat_template(prompts[0].prompt, tokenize=False, add_generation_prompt=True)
     assert samples[0].prompt_ids == tok(rendered, add_special_tokens=False)["input_ids"]
+
+
+def test_bench_sample_runs_both_methods(tmp_path):
+    import subprocess
+    import sys
+
+    model = save_tiny_model(tmp_path / "m")
+    argv = ["--model", model, "--prompts", "2", "--num-samples", "2", "--max-new-tokens", "2", "--no-warmup"]
+    out = subprocess.run(
+        [sys.executable, "-m", "prefopt.bench_sample", *argv], capture_output=True, text=True, check=True
+    ).stdout
+    assert "| plain generate(num_return_sequences=2) |" in out and "| prefopt sample (shared prefill) |" in out
