@@ -1,6 +1,11 @@
 """`make bench`: prefopt vs TRL's DPOTrainer, same model, data and settings, each in its own process.
 
-    python -m prefopt.bench [--steps 6] [--quick] [--out runs/bench/results.md]
+    python -m prefopt.bench [--steps 6] [--quick] [--rows GROUP,...] [--out runs/bench/results.md]
+
+Row groups (--rows; default: all): compare (prefopt vs TRL, fp32, at 256), checkpointing, losses,
+packing, lengths, precision (issue #15: TRL's own default, bf16 autocast; prefopt fp32, mixed bf16
+and bf16 weights with Kahan-compensated AdamW, each at 20 steps at least, with the loss after the
+last step against the fp32 run's: target <= 1.02x).
 
 Setup (issue #5): SmolLM2-135M-Instruct, fp32, full fine-tune, online reference (a frozen copy),
 4 pairs per step, HH-RLHF harmless test pairs from ../shared/data when present (else
@@ -41,6 +46,7 @@ class StepTimer:
 
     def __init__(self):
         self.times: list[float] = []
+        self.losses: list[float] = []  # the training loss of each logged step
         self._start = None
 
     def __getattr__(self, name):  # every other callback event: do nothing
@@ -53,6 +59,10 @@ class StepTimer:
 
     def on_step_end(self, args, state, control, **kwargs):
         self.times.append(time.perf_counter() - self._start)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(float(logs["loss"]))
 
 
 def _peak_rss_gb() -> float:
@@ -78,7 +88,8 @@ def _worker_prefopt(args) -> dict:
             logging_steps=1,
             save_steps=10**9,
             reference=args.reference,
-            dtype="float32",
+            dtype=args.dtype,
+            mixed_precision=args.mixed_precision,
             seed=42,
             gradient_checkpointing=args.gradient_checkpointing,
             chunk_size=args.chunk_size,
@@ -87,7 +98,7 @@ def _worker_prefopt(args) -> dict:
             trim_memory=not args.no_trim_memory,
         )
         train(config, callbacks=[timer], save_final=False)
-    return {"step_times": timer.times, "peak_rss_gb": _peak_rss_gb()}
+    return {"step_times": timer.times, "peak_rss_gb": _peak_rss_gb(), "losses": timer.losses}
 
 
 def _worker_trl(args) -> dict:
@@ -100,6 +111,8 @@ def _worker_trl(args) -> dict:
 
     rows = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
     timer = StepTimer()
+    # --trl-default: TRL's own precision default (DPOConfig: bf16 autocast, also on a CPU); else fp32
+    precision = {} if args.trl_default else {"bf16": False}
     with tempfile.TemporaryDirectory() as out:
         trainer = DPOTrainer(
             model=AutoModelForCausalLM.from_pretrained(resolve_model(MODEL), dtype=torch.float32),
@@ -114,7 +127,7 @@ def _worker_trl(args) -> dict:
                 logging_steps=1,
                 save_strategy="no",
                 report_to=[],
-                bf16=False,
+                **precision,
                 use_cpu=not torch.cuda.is_available(),
                 seed=42,
                 gradient_checkpointing=args.gradient_checkpointing,
@@ -124,7 +137,7 @@ def _worker_trl(args) -> dict:
             callbacks=[timer],
         )
         trainer.train()
-    return {"step_times": timer.times, "peak_rss_gb": _peak_rss_gb()}
+    return {"step_times": timer.times, "peak_rss_gb": _peak_rss_gb(), "losses": timer.losses, "bf16": trainer.args.bf16}
 
 
 def _select_pairs(max_length: int, count: int, tokenizer, longest: bool = True) -> tuple[list[dict], int]:
@@ -162,6 +175,7 @@ def _run_worker(
     reference: str = "copy",
     gradient_checkpointing: bool = False,
     pack: bool = True,
+    extra: tuple[str, ...] = (),
 ) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as result_file:
         result_path = result_file.name
@@ -188,6 +202,7 @@ def _run_worker(
         command.append("--gradient-checkpointing")
     if not pack:
         command.append("--no-pack")
+    command.extend(extra)
     started = time.time()
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -204,13 +219,59 @@ def _summarise(result: dict, total_tokens: int) -> dict:
         "median_step_s": statistics.median(times[1:] if len(times) > 1 else times),
         "tokens_per_s": total_tokens / sum(times),
         "peak_rss_gb": result["peak_rss_gb"],
+        "last_loss": (result.get("losses") or [None])[-1],
     }
+
+
+ROW_GROUPS = ("compare", "checkpointing", "losses", "packing", "lengths", "precision")
+# Issue #15's targets for mixed bf16 on a CPU with bf16 units, against TRL's default (bf16 autocast)
+SPEED_TARGET, MEMORY_TARGET, LOSS_TARGET = 4.0, 0.45, 1.02
+
+
+def _precision_rows(data: Path, steps: int, tokens: int) -> tuple[list, list[str]]:
+    """Issue #15's rows, measured side by side on the same pairs and steps, and the lines that check
+    its targets. TRL runs with its own default (bf16 autocast, on a CPU too); prefopt runs fp32,
+    mixed bf16 (fp32 master weights, bf16 autocast) and bf16 weights with Kahan-compensated AdamW.
+    "The loss after 20 steps" is the last step's loss: the same batch in every run."""
+    from prefopt.precision import bf16_units
+
+    def prefopt(*extra: str) -> dict:
+        return _summarise(_run_worker("prefopt", data, steps, 256, extra=extra), tokens)
+
+    trl = _summarise(_run_worker("trl", data, steps, 256, extra=("--trl-default",)), tokens)
+    fp32 = prefopt("--mixed-precision", "no")
+    mixed = prefopt("--mixed-precision", "bf16")
+    low = prefopt("--dtype", "bfloat16", "--mixed-precision", "no")
+    rows = [
+        ("TRL DPOTrainer, its default (bf16 autocast)", 256, trl),
+        ("prefopt dpo, fp32", 256, fp32),
+        ("prefopt dpo, mixed bf16 (fp32 master weights)", 256, mixed),
+        ("prefopt dpo, bf16 weights + Kahan AdamW", 256, low),
+    ]
+    units = bf16_units("cpu")
+    notes = [f"precision rows: {steps} steps; bf16 units: {units or 'none found'}; ratios against TRL's default"]
+    speed, memory = trl["median_step_s"] / mixed["median_step_s"], mixed["peak_rss_gb"] / trl["peak_rss_gb"]
+    applies = "" if units else " (no bf16 units on this CPU: the target does not apply)"
+    notes.append(
+        f"mixed bf16: {speed:.2f}x TRL's default step speed (target >= {SPEED_TARGET}x), "
+        f"{memory:.2f}x its peak RSS (target <= {MEMORY_TARGET}x){applies}"
+    )
+    for name, row in (("mixed bf16", mixed), ("bf16 weights + Kahan", low)):
+        ratio = row["last_loss"] / fp32["last_loss"]
+        notes.append(
+            f"{name}: loss after {steps} steps {row['last_loss']:.5f} vs fp32 {fp32['last_loss']:.5f}: "
+            f"{ratio:.4f}x (target <= {LOSS_TARGET}x: {'ok' if ratio <= LOSS_TARGET else 'MISSED'})"
+        )
+    return rows, notes
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--quick", action="store_true", help="only the prefopt-vs-TRL comparison at 256")
+    parser.add_argument(
+        "--rows", default=None, help=f"comma-separated row groups to run: {', '.join(ROW_GROUPS)} (default: all)"
+    )
     parser.add_argument("--no-trl", action="store_true", help="skip TRL (prefopt rows only)")
     parser.add_argument("--out", default="runs/bench/results.md")
     parser.add_argument("--worker", choices=["prefopt", "trl"], help=argparse.SUPPRESS)
@@ -224,7 +285,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-share-prefix", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-pack", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-trim-memory", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--mixed-precision", default="no", help=argparse.SUPPRESS)
+    parser.add_argument("--trl-default", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    groups = set(ROW_GROUPS) if args.rows is None else {g.strip() for g in args.rows.split(",") if g.strip()}
+    if args.quick:
+        groups = {"compare"}
+    if groups - set(ROW_GROUPS):
+        parser.error(
+            f"--rows: unknown group(s) {', '.join(sorted(groups - set(ROW_GROUPS)))}; known: {', '.join(ROW_GROUPS)}"
+        )
 
     if args.worker:
         result = (_worker_prefopt if args.worker == "prefopt" else _worker_trl)(args)
@@ -234,23 +305,23 @@ def main(argv: list[str] | None = None) -> int:
     from prefopt.hub import load_tokenizer
 
     tokenizer = load_tokenizer(MODEL)  # converts the packaged GGUF once, outside any timing
-    count = args.steps * PAIRS_PER_STEP
     workdir = Path(tempfile.mkdtemp(prefix="prefopt-bench-"))
     rows_out = []
 
-    def data_for(length: int, longest: bool = True) -> tuple[Path, int]:
-        rows, tokens = _select_pairs(length, count, tokenizer, longest)
-        path = workdir / f"pairs-{length}{'' if longest else '-random'}.jsonl"
+    def data_for(length: int, longest: bool = True, steps: int | None = None) -> tuple[Path, int]:
+        rows, tokens = _select_pairs(length, (steps or args.steps) * PAIRS_PER_STEP, tokenizer, longest)
+        path = workdir / f"pairs-{length}{'' if longest else '-random'}-{steps or args.steps}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return path, tokens
 
     data256, tokens256 = data_for(256)
-    ours = _summarise(_run_worker("prefopt", data256, args.steps, 256), tokens256)
-    rows_out.append(("prefopt dpo", 256, ours))
-    if not args.no_trl:
-        theirs = _summarise(_run_worker("trl", data256, args.steps, 256), tokens256)
-        rows_out.append(("TRL DPOTrainer", 256, theirs))
-    if not args.quick:
+    if "compare" in groups:
+        ours = _summarise(_run_worker("prefopt", data256, args.steps, 256), tokens256)
+        rows_out.append(("prefopt dpo", 256, ours))
+        if not args.no_trl:
+            theirs = _summarise(_run_worker("trl", data256, args.steps, 256), tokens256)
+            rows_out.append(("TRL DPOTrainer", 256, theirs))
+    if "checkpointing" in groups:
         if not args.no_trl:  # the same memory setting on both sides, for the record
             rows_out.append(
                 (
@@ -266,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                 _summarise(_run_worker("prefopt", data256, args.steps, 256, gradient_checkpointing=True), tokens256),
             )
         )
+    if "losses" in groups:
         for loss in OTHER_LOSSES:
             rows_out.append(
                 (
@@ -274,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                     _summarise(_run_worker("prefopt", data256, args.steps, 256, loss, "auto"), tokens256),
                 )
             )
+    if "packing" in groups:
         # Pairs of mixed lengths (a random sample) are where packing removes padding.
         mixed, mixed_tokens = data_for(256, longest=False)
         for pack in (True, False):
@@ -284,29 +357,41 @@ def main(argv: list[str] | None = None) -> int:
                     _summarise(_run_worker("prefopt", mixed, args.steps, 256, pack=pack), mixed_tokens),
                 )
             )
+    if "lengths" in groups:
         for length in (512, 1024):
             path, tokens = data_for(length)
             rows_out.append(
                 ("prefopt dpo", length, _summarise(_run_worker("prefopt", path, args.steps, length), tokens))
             )
+    notes: list[str] = []
+    if "precision" in groups:
+        precision_steps = max(args.steps, 20)
+        path, tokens = data_for(256, steps=precision_steps)
+        precision_rows, notes = _precision_rows(path, precision_steps, tokens)
+        rows_out.extend(precision_rows)
 
     lines = [
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; torch threads default; fp32; "
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; torch threads default; fp32 unless named; "
         f"{args.steps} steps x {PAIRS_PER_STEP} pairs; data: {'HH-RLHF harmless test' if HH.exists() else 'hh_style sample'}",
         "",
         "| run | max_length | median step (s) | tokens/s | peak RSS (GB) | step speed vs TRL | RSS vs TRL |",
         "|---|---|---|---|---|---|---|",
     ]
-    trl = next((r for name, _, r in rows_out if name == "TRL DPOTrainer"), None)
+    fp32_trl = next((r for name, _, r in rows_out if name == "TRL DPOTrainer"), None)
+    default_trl = next((r for name, _, r in rows_out if name.startswith("TRL DPOTrainer, its default")), None)
+    precision_names = {"prefopt dpo, fp32", "prefopt dpo, mixed bf16 (fp32 master weights)"}
+    precision_names |= {"prefopt dpo, bf16 weights + Kahan AdamW", "TRL DPOTrainer, its default (bf16 autocast)"}
     for name, length, r in rows_out:
-        # TRL ran at 256 only, on the longest pairs
-        comparable = trl is not None and length == 256 and "mixed" not in name
+        # TRL ran at 256 only, on the longest pairs; the precision rows against TRL's default, on theirs
+        trl = default_trl if name in precision_names else fp32_trl
+        comparable = trl is not None and length == 256 and "mixed-length" not in name
         speed = f"{trl['median_step_s'] / r['median_step_s']:.2f}x" if comparable else "-"
         rss = f"{r['peak_rss_gb'] / trl['peak_rss_gb']:.2f}x" if comparable else "-"
         lines.append(
             f"| {name} | {length} | {r['median_step_s']:.2f} | {r['tokens_per_s']:.0f} | "
             f"{r['peak_rss_gb']:.2f} | {speed} | {rss} |"
         )
+    lines.extend(["", *notes] if notes else [])
     table = "\n".join(lines)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

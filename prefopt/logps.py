@@ -210,23 +210,34 @@ class _LinearHeadLogpsKL(torch.autograd.Function):
     alive, where the checkpointed generic path holds about seven (logits, log-softmax, their
     reference twins, the product and the gradients).
 
-    Under mixed precision this function runs in fp32 throughout (autocast off): the KL compares two
-    distributions that differ by less than bf16 resolves in the logits, so bf16 logits would make it noise.
+    Under mixed precision the KL runs in fp32 throughout (autocast off): it compares two
+    distributions that differ by less than bf16 resolves in the logits, so bf16 logits would make
+    it noise. The log-probs, though, come from the autocast logits, as `_LinearHeadLogps` computes
+    the reference's: a policy equal to its reference then has log-ratios of exactly 0. That costs
+    one more chunk of logits in forward and backward, for TDPO under autocast only.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ref_hidden, ref_weight, chunk_size):
         n = hidden.shape[0]
         acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least (float64 stays, for gradcheck)
+        _save_autocast(ctx, hidden)
         logps = torch.empty(n, device=hidden.device, dtype=acc)
         kl = torch.empty_like(logps)
         lse, ref_lse = torch.empty_like(logps), torch.empty_like(logps)
-        with _no_autocast(hidden):
-            for start in range(0, n, chunk_size):
-                sl = slice(start, start + chunk_size)
+        low_lse = torch.empty_like(logps) if ctx.amp is not None else lse
+        for start in range(0, n, chunk_size):
+            sl = slice(start, start + chunk_size)
+            if ctx.amp is not None:  # the log-probs as _LinearHeadLogps makes them under this autocast
+                low = F.linear(hidden[sl], weight).to(acc)
+                low_lse[sl] = torch.logsumexp(low, dim=-1)
+                logps[sl] = low.gather(-1, targets[sl, None]).squeeze(-1) - low_lse[sl]
+                del low
+            with _no_autocast(hidden):
                 logits = _linear(hidden[sl], weight).to(acc)
                 lse[sl] = torch.logsumexp(logits, dim=-1)
-                logps[sl] = logits.gather(-1, targets[sl, None]).squeeze(-1) - lse[sl]
+                if ctx.amp is None:
+                    logps[sl] = logits.gather(-1, targets[sl, None]).squeeze(-1) - lse[sl]
                 ref_logp = _linear(ref_hidden[sl], ref_weight).to(acc)
                 ref_lse[sl] = torch.logsumexp(ref_logp, dim=-1)
                 ref_logp.sub_(ref_lse[sl, None])
@@ -235,13 +246,13 @@ class _LinearHeadLogpsKL(torch.autograd.Function):
                 ref_logp.sub_(logits)
                 kl[sl] = _rowdot(ref_p, ref_logp) + lse[sl]
                 del logits, ref_logp, ref_p
-        ctx.save_for_backward(hidden, weight, targets, lse, ref_hidden, ref_weight, ref_lse)
+        ctx.save_for_backward(hidden, weight, targets, lse, ref_hidden, ref_weight, ref_lse, low_lse)
         ctx.chunk_size = chunk_size
         return logps, kl
 
     @staticmethod
     def backward(ctx, grad_logps, grad_kl):
-        hidden, weight, targets, lse, ref_hidden, ref_weight, ref_lse = ctx.saved_tensors
+        hidden, weight, targets, lse, ref_hidden, ref_weight, ref_lse, low_lse = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         acc = lse.dtype
@@ -250,12 +261,21 @@ class _LinearHeadLogpsKL(torch.autograd.Function):
             grad_logps = torch.zeros_like(lse)
         if grad_kl is None:
             grad_kl = torch.zeros_like(lse)
-        with _no_autocast(hidden):
-            for start in range(0, hidden.shape[0], ctx.chunk_size):
-                sl = slice(start, start + ctx.chunk_size)
-                g_logp, g_kl = grad_logps[sl, None].to(acc), grad_kl[sl, None].to(acc)
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            sl = slice(start, start + ctx.chunk_size)
+            g_logp, g_kl = grad_logps[sl, None].to(acc), grad_kl[sl, None].to(acc)
+            low_q = None
+            if ctx.amp is not None:  # - g_logp q, with q from the autocast logits the log-probs came from
+                with _same_autocast(ctx):
+                    low_q = F.linear(hidden[sl], weight).to(acc)
+                low_q.sub_(low_lse[sl, None]).exp_().mul_(g_logp)
+            with _no_autocast(hidden):
                 grad_logits = _linear(hidden[sl], weight).to(acc)
-                grad_logits.sub_(lse[sl, None]).exp_().mul_(g_kl - g_logp)  # (g_kl - g_logp) q
+                if low_q is None:
+                    grad_logits.sub_(lse[sl, None]).exp_().mul_(g_kl - g_logp)  # (g_kl - g_logp) q
+                else:
+                    grad_logits.sub_(lse[sl, None]).exp_().mul_(g_kl).sub_(low_q)
+                    del low_q
                 ref_p = _linear(ref_hidden[sl], ref_weight).to(acc)
                 ref_p.sub_(ref_lse[sl, None]).exp_().mul_(g_kl)
                 grad_logits.sub_(ref_p)  # - g_kl p

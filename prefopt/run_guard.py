@@ -10,7 +10,9 @@ Resume rules (checked before any model is loaded):
   MAY_CHANGE may differ: how long to train, how often to log, evaluate and save, where to
   report, and settings that change speed or memory but not the arithmetic. Anything else
   (loss, hyperparameters, model, data, token budgets, LoRA, batch size, accumulation,
-  optimiser, seed, ...) is refused with a one-line diff; --overwrite starts over instead.
+  optimiser, seed, precision: dtype, mixed_precision and optimizer change the arithmetic, and
+  bf16 weights' Kahan compensation lives in the optimizer state, ...) is refused with a one-line
+  diff; --overwrite starts over instead.
 - --resume on a finished run (final/ written, the planned steps done) says so and changes
   nothing. Raising max_steps or num_epochs continues it.
 - With no checkpoint yet, --resume starts the run over with the new settings.
