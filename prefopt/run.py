@@ -200,7 +200,24 @@ def train(config: TrainConfig, callbacks: list | None = None, save_final: bool =
     `interrupted` set. Signal handlers are restored however the run ends.
     """
     with contextlib.ExitStack() as cleanup:  # releases the output folder's lock however the run ends
+        cleanup.enter_context(_quiet_loading_bars())
         return _train(config, callbacks, save_final, cleanup)
+
+
+@contextlib.contextmanager
+def _quiet_loading_bars():
+    """No 'Loading weights' / 'Writing model shards' bars during a run: they tell a user nothing
+    to act on. The training bar stays (transformers draws it with tqdm directly, not through
+    this switch). The switch is global, so it is put back as it was."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _train(config: TrainConfig, callbacks: list | None, save_final: bool, cleanup: contextlib.ExitStack) -> TrainResult:

@@ -58,7 +58,39 @@ def test_skip_nonfinite_budget_survives_resume(tmp_path, tiny_model_dir):
 def test_kto_summary_names_what_kto_reports(tmp_path, tiny_model_dir, capsys):
     """KTO has no pairs, so no accuracy or margin: the summary shows its desirable and undesirable
     rewards and its KL estimate, never 'None'."""
-    run(tmp_path, tiny_model_dir, loss="kto", data=[str(SAMPLES / "unpaired.jsonl")], max_steps=2, batch_size=8, logging_steps=2)
+    run(
+        tmp_path,
+        tiny_model_dir,
+        loss="kto",
+        data=[str(SAMPLES / "unpaired.jsonl")],
+        max_steps=2,
+        batch_size=8,
+        logging_steps=2,
+    )
     done = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("prefopt: done:"))
     assert "reward desirable" in done and "reward undesirable" in done and "KL estimate" in done
     assert "None" not in done and "accuracy" not in done
+
+
+def test_a_plain_dpo_run_prints_only_prefopt_lines_and_the_progress_bar(tmp_path, tiny_model_dir):
+    """The console of a plain run, as a user sees it: every line is prefopt's own or tqdm's bar
+    (no bitsandbytes note, no deprecation warning, no weight-loading or shard-writing bars)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from .conftest import train_argv
+
+    argv = train_argv(tiny_model_dir, tmp_path / "out", "standard.jsonl", "--max-steps", "2", "--logging-steps", "1")
+    env = {**os.environ, "PREFOPT_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [sys.executable, "-m", "prefopt", *argv], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    # tqdm redraws with carriage returns; each piece is one state of the bar or one printed line
+    pieces = [p.strip() for text in (done.stdout, done.stderr) for line in text.splitlines() for p in line.split("\r")]
+    training_bar = re.compile(r"^\d+%\|")  # the training bar has no description; loading bars do
+    foreign = [p for p in pieces if p and not p.startswith(("prefopt:", "step ")) and not training_bar.match(p)]
+    assert foreign == [], foreign
+    assert any(p.startswith("step 2/2") for p in pieces) and any(p.startswith("prefopt: done:") for p in pieces)
