@@ -328,9 +328,12 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
         tokenizer.pad_token_id, with_kl_pairs=spec.needs_kl_pairs, share_prefix=share_prefix, pack=config.pack
     )
     extra_key = f"{config.model}|{config.dtype}|{config.load_in_4bit}|{config.lora}"
-    reference = _load_reference(
-        reference_mode, config, model, train_items + eval_items, collator, extra_key, use_logits
-    )
+    if precision.autocast is not None:  # cached log-probs computed as training computes them
+        extra_key += f"|autocast {precision.autocast}"
+    with torch.autocast(_device_type(), dtype=precision.autocast or torch.float32, enabled=bool(precision.autocast)):
+        reference = _load_reference(
+            reference_mode, config, model, train_items + eval_items, collator, extra_key, use_logits
+        )
     if getattr(reference, "path", None):
         print(f"prefopt: reference log-probs {'reused from' if reference.reused else 'cached in'} {reference.path}")
 

@@ -134,6 +134,17 @@ def test_mixed_bf16_matches_fp32_for_every_loss(name, tmp_path, tiny_model_dir):
         assert mixed_losses[0] == pytest.approx(math.log(2), abs=1e-6)
 
 
+@pytest.mark.parametrize("reference", [dict(reference="cached"), dict(reference="adapter", lora=True)])
+def test_mixed_bf16_reference_modes_start_at_log_ratio_zero(reference, tmp_path, tiny_model_dir):
+    """The cached reference is computed under the run's autocast (and keyed by it), the adapter-off
+    reference under the trainer's: at step 1 policy == reference, so DPO's loss is ln 2."""
+    _, losses = run(
+        tmp_path, tiny_model_dir, "run", max_steps=2, learning_rate=1e-3, mixed_precision="bf16", **reference
+    )
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert math.isfinite(losses[1])
+
+
 def test_fused_head_sums_stay_fp32_under_autocast():
     """Under bf16 autocast the fused heads return fp32. TDPO's KL is computed in fp32 throughout
     (equal to the no-autocast KL to fp32 rounding); the log-probs come from the autocast logits, bit
