@@ -27,6 +27,7 @@ from prefopt.losses import (  # noqa: E402,F401  isort: skip
     nca_pair,
     orpo,
     robust,
+    sft,
     simpo,
     sppo_hard,
     tdpo,
