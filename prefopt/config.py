@@ -73,6 +73,11 @@ class TrainConfig:
     reference: str = _help(
         "auto | copy | adapter | cached | none: how reference log-probs are computed", default="auto"
     )
+    reference_model: str | None = _help(
+        "the frozen reference's weights (folder, alias, or a run's final/); default: --model, the policy's "
+        "starting point. Iterative DPO keeps it at pi_0 while --model moves",
+        default=None,
+    )
     # data
     data: list = _help("training files (.jsonl/.json/.parquet/.csv or save_to_disk folders)", default_factory=list)
     format: str | None = _help("standard | conversational | implicit | unpaired (default: detect)", default=None)

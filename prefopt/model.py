@@ -30,8 +30,11 @@ def training_dtype(name: str) -> torch.dtype:
     return torch.float32 if name == "auto" else resolve_dtype(name)
 
 
-def _load_causal_lm(config: TrainConfig, dtype: torch.dtype):
+def _load_causal_lm(config: TrainConfig, dtype: torch.dtype, name: str | None = None):
+    """The causal LM `name` (default: config.model) with the config's dtype and quantisation."""
     from transformers import AutoModelForCausalLM
+
+    name = name or config.model
 
     kwargs = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}
     if config.load_in_4bit:
@@ -43,11 +46,11 @@ def _load_causal_lm(config: TrainConfig, dtype: torch.dtype):
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
         )
-    location = resolve_model(config.model)
+    location = resolve_model(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except OSError as error:
-        raise ConfigError(f"cannot load model '{config.model}': {str(error).splitlines()[0]}") from None
+        raise ConfigError(f"cannot load model '{name}': {str(error).splitlines()[0]}") from None
     if config.load_in_4bit:
         keep_4bit_layers_unpacked(model)
     return model
@@ -113,8 +116,9 @@ def load_policy(config: TrainConfig):
 
 
 def load_reference_copy(config: TrainConfig):
-    """A second, frozen copy of the base model (4-bit too when the policy is)."""
-    model = _load_causal_lm(config, training_dtype(config.dtype))
+    """A frozen copy of the reference: `reference_model`, else the policy's starting weights
+    (4-bit too when the policy is)."""
+    model = _load_causal_lm(config, training_dtype(config.dtype), config.reference_model)
     model.eval()
     model.requires_grad_(False)
     return model

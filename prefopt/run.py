@@ -57,9 +57,14 @@ def choose_reference(spec: LossSpec, config: TrainConfig) -> str:
     if mode == "none":
         raise ConfigError(f"loss '{spec.name}' needs a reference model; reference=none cannot serve it")
     if mode == "auto":
-        return "adapter" if config.lora else "copy"
+        return "adapter" if config.lora and not config.reference_model else "copy"
     if mode == "adapter" and not config.lora:
         raise ConfigError("reference=adapter needs --lora (the reference is the model with its adapter disabled)")
+    if mode == "adapter" and config.reference_model:
+        raise ConfigError(
+            "reference=adapter is the policy's own base with its adapter disabled, not --reference-model; "
+            "use reference=copy or reference=cached with --reference-model"
+        )
     if mode == "cached" and spec.needs_token_kl:
         raise ConfigError(
             f"reference=cached cannot serve loss '{spec.name}': it needs the token-level KL over the full "
@@ -169,9 +174,11 @@ def _load_reference(mode: str, config: TrainConfig, model, items, collator, extr
     if mode == "adapter":
         return ModelReference(disable_adapter=True, chunk_size=config.chunk_size, use_logits=use_logits)
     device = next(model.parameters()).device
-    # Before training the policy is the reference (full weights, or LoRA with B = 0).
+    # Before training the policy is the reference (full weights, or LoRA with B = 0), unless
+    # --reference-model names other weights: those are loaded once, scored, and dropped.
+    scorer = load_reference_copy(config).to(device) if config.reference_model else model
     return CachedReference.build(
-        model, items, collator, cache_root() / "reference", extra_key, config.batch_size, device
+        scorer, items, collator, cache_root() / "reference", extra_key, config.batch_size, device
     )
 
 
@@ -327,7 +334,7 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
     collator = PreferenceCollator(
         tokenizer.pad_token_id, with_kl_pairs=spec.needs_kl_pairs, share_prefix=share_prefix, pack=config.pack
     )
-    extra_key = f"{config.model}|{config.dtype}|{config.load_in_4bit}|{config.lora}"
+    extra_key = f"{config.reference_model or config.model}|{config.dtype}|{config.load_in_4bit}|{config.lora}"
     if precision.autocast is not None:  # cached log-probs computed as training computes them
         extra_key += f"|autocast {precision.autocast}"
     with torch.autocast(_device_type(), dtype=precision.autocast or torch.float32, enabled=bool(precision.autocast)):
