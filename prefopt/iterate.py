@@ -8,8 +8,8 @@ run trained a LoRA adapter) and eval.json (held-out greedy mean reward). A round
 eval.json exists is skipped when the command runs again, so a stopped loop resumes; a round
 stopped half-way reuses its samples and pairs and retrains.
 
-Reference: the loss's reference is pi_0 in every round when TrainConfig has a
-`reference_model` field; otherwise it is the round's starting model pi_{t-1} (printed).
+Reference: the loss's reference is pi_0 in every round (`reference_model`), as in Xiong et al.
+2023 and RLHFlow; with `reference: cached` its log-probs come from a cache keyed by weights and data.
 Held out: the first `held_out` prompts are never trained on; each round's pi_t is scored on
 them with greedy decoding (one sample), and pi_0 in round-0/eval.json.
 """
@@ -140,20 +140,16 @@ def _round_model(run_final: Path, folder: Path) -> str:
 
 
 def _train_config(base, model_path: str, reference: str, data: Path, output_dir: Path, round_index: int):
-    from prefopt.config import FIELDS
-
     changes = {"model": model_path, "data": [str(data)], "output_dir": str(output_dir), "eval_data": []}
     changes["seed"] = base.seed + round_index
     changes["overwrite"] = output_dir.exists() and not (output_dir / "final").exists()  # a stopped round retrains
     changes["resume"] = False
-    if "reference_model" in FIELDS:
-        changes["reference_model"] = reference
+    changes["reference_model"] = reference  # pi_0 stays the reference in every round
     return dataclasses.replace(base, **changes)
 
 
 def iterate(settings: IterateSettings, config, output_dir: str | Path | None = None, log=print) -> list[RoundResult]:
     """Run (or resume) the loop; returns one RoundResult per round, round 0 being pi_0."""
-    from prefopt.config import FIELDS
     from prefopt.data.formats import load_prompts
     from prefopt.pairs import PairReport
     from prefopt.rollout import write_jsonl
@@ -166,8 +162,6 @@ def iterate(settings: IterateSettings, config, output_dir: str | Path | None = N
     if not pool:
         raise PrefoptError(f"no training prompts left after holding out {settings.held_out}")
     per_round = settings.prompts_per_round or max(1, len(pool) // settings.rounds)
-    if "reference_model" not in FIELDS:
-        log("prefopt: iterate: this TrainConfig has no reference_model field: each round's reference is pi_{t-1}")
     pi0 = config.model
     results = []
     eval0 = root / "round-0" / "eval.json"

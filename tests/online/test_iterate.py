@@ -64,6 +64,7 @@ def test_tiny_loop_end_to_end_and_resumed(tmp_path, capsys):
     assert [s["prompt"] for s in samples2] == [f"Q{i}: say something." for i in range(6, 10)]
     config2 = (loop / "round-2" / "run" / "config.yaml").read_text()
     assert f"model: {loop / 'round-1' / 'run' / 'final'}" in config2
+    assert f"reference_model: {model}" in config2  # pi_0 stays the reference
 
 
 def test_a_round_without_pairs_says_why(tmp_path, capsys):
