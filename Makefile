@@ -31,6 +31,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m prefopt.bench
+	$(PY) -m prefopt.bench_sample
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
