@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.set_defaults(run=_cmd_data_inspect)
     __import__("prefopt.cli_online").cli_online.add_commands(commands)  # rewards, sample, pairs (DESIGN §6)
+    __import__("prefopt.cli_eval").cli_eval.add_commands(commands)  # eval, report
     return parser
 
 

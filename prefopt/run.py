@@ -262,6 +262,7 @@ def _train(config: TrainConfig, callbacks: list | None, save_final: bool, cleanu
     summary = _summary(trainer, last, seconds, reference_mode, eval_before, eval_after)
     if is_main:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        __import__("prefopt.report").report.write_run_report(output_dir)  # report.png; never fails a run
         _print_summary(summary, final_dir, paired=spec.paired)
     return TrainResult(
         output_dir=output_dir,
