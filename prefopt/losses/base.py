@@ -18,6 +18,9 @@ class LossError(PrefoptError, ValueError):
     """A loss was asked for, configured or fed wrongly; the message says how to fix it."""
 
 
+_INDEX_FIELDS = ("token_rows", "groups")
+
+
 @dataclass
 class LossInputs:
     """Per-example quantities a preference loss is computed from.
@@ -39,16 +42,29 @@ class LossInputs:
     # logps of mismatched (x_i, y_j) completions, for KTO's reference point
     policy_kl_logps: torch.Tensor | None = None
     reference_kl_logps: torch.Tensor | None = None
+    # Policy-gradient losses (needs_rollouts, DESIGN §6): the N sampled completions are the chosen
+    # side (policy_chosen_logps, chosen_lengths, reference_chosen_logps per completion; the rejected
+    # side is empty). Token-level fields are flat over the K completion tokens, in order within a row.
+    token_logps: torch.Tensor | None = None  # (K,) policy log-prob of each completion token
+    reference_token_logps: torch.Tensor | None = None  # (K,) the same under the reference
+    old_token_logps: torch.Tensor | None = None  # (K,) the sampling policy's; None: one update per batch (rho == 1)
+    token_rows: torch.Tensor | None = None  # (K,) long: the completion each token belongs to
+    rewards: torch.Tensor | None = None  # (N,) the reward of each completion
+    groups: torch.Tensor | None = None  # (N,) long: the prompt each completion was sampled for
+    baseline_rewards: torch.Tensor | None = None  # (N,) ReMax: the reward of the prompt's greedy completion
+    token_values: torch.Tensor | None = None  # (K,) PPO: the critic's value before each token
+    max_completion_length: int | None = None  # the sampler's max_new_tokens (Dr.GRPO's constant normaliser)
 
     def at_least_float32(self) -> LossInputs:
         """Half-precision fields are upcast: sigmoid/log terms lose too much in 16 bits.
 
         float64 stays float64 (gradcheck relies on it); lengths become floats of the same kind.
+        Index fields (token_rows, groups) stay integers.
         """
         changes = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None:
+            if not isinstance(value, torch.Tensor) or f.name in _INDEX_FIELDS:
                 continue
             if not value.is_floating_point() or value.dtype in (torch.float16, torch.bfloat16):
                 value = value.float()

@@ -52,3 +52,25 @@ def optional(check: Check) -> Check:
         return None if value is None else check(value)
 
     return wrapped
+
+
+def one_of(*names: str) -> Check:
+    """Value is one of a few names (e.g. a normalisation)."""
+
+    def check(value) -> str | None:
+        if value not in names:
+            return f"must be one of {', '.join(names)}, got {value!r}"
+        return None
+
+    return check
+
+
+def closed(low: float, high: float) -> Check:
+    """Value in [low, high]."""
+
+    def check(value) -> str | None:
+        if not _number(value) or not low <= value <= high:
+            return f"must be in [{low}, {high}], got {value!r}"
+        return None
+
+    return check

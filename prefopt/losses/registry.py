@@ -36,6 +36,12 @@ class LossSpec:
     needs_kl_pairs: bool = False  # policy_kl_logps / reference_kl_logps (mismatched pairs)
     needs_lengths: bool = False  # chosen_lengths / rejected_lengths
     paired: bool = True  # Bc == Br, row i of each side is one pair
+    # Policy-gradient losses (DESIGN §6): each step samples completions of prompt-only data and
+    # scores them with the reward: token_logps, token_rows, rewards, groups (and, with
+    # needs_reference, reference_token_logps).
+    needs_rollouts: bool = False
+    needs_greedy_baseline: bool = False  # baseline_rewards: one greedy completion per prompt, scored (ReMax)
+    needs_value_model: bool = False  # token_values from a critic trained with the policy (PPO)
     description: str = ""
 
     @property
@@ -46,6 +52,9 @@ class LossSpec:
             "token_kl": self.needs_token_kl,
             "kl_pairs": self.needs_kl_pairs,
             "lengths": self.needs_lengths,
+            "rollouts": self.needs_rollouts,
+            "greedy_baseline": self.needs_greedy_baseline,
+            "value_model": self.needs_value_model,
         }
         return [name for name, wanted in flags.items() if wanted]
 
@@ -86,6 +95,9 @@ def register_loss(
     needs_kl_pairs: bool = False,
     needs_lengths: bool = False,
     paired: bool = True,
+    needs_rollouts: bool = False,
+    needs_greedy_baseline: bool = False,
+    needs_value_model: bool = False,
     checks: Mapping[str, Check] | None = None,
     description: str | None = None,
     replace: bool = False,
@@ -113,6 +125,9 @@ def register_loss(
             needs_kl_pairs=needs_kl_pairs,
             needs_lengths=needs_lengths,
             paired=paired,
+            needs_rollouts=needs_rollouts,
+            needs_greedy_baseline=needs_greedy_baseline,
+            needs_value_model=needs_value_model,
             description=description or (doc.splitlines()[0] if doc else ""),
         )
         return fn
@@ -158,6 +173,9 @@ _REQUIRED_FIELDS = {
     "needs_token_kl": ("chosen_kl", "rejected_kl"),
     "needs_kl_pairs": ("policy_kl_logps", "reference_kl_logps"),
     "needs_lengths": ("chosen_lengths", "rejected_lengths"),
+    "needs_rollouts": ("token_logps", "token_rows", "rewards", "groups"),
+    "needs_greedy_baseline": ("baseline_rewards",),
+    "needs_value_model": ("token_values",),
 }
 
 
@@ -167,6 +185,8 @@ def _check_inputs(spec: LossSpec, inputs: LossInputs) -> None:
             missing = [n for n in names if getattr(inputs, n) is None]
             if missing:
                 raise LossError(f"loss '{spec.name}' needs {', '.join(missing)}")
+    if spec.needs_rollouts and spec.needs_reference and inputs.reference_token_logps is None:
+        raise LossError(f"loss '{spec.name}' needs reference_token_logps")
     for side in ("chosen", "rejected"):
         size = inputs.policy_chosen_logps.shape if side == "chosen" else inputs.policy_rejected_logps.shape
         for prefix, suffix in (("reference_", "_logps"), ("", "_lengths"), ("", "_kl")):

@@ -43,18 +43,23 @@ def equal_groups(rewards: torch.Tensor, groups: torch.Tensor) -> int:
 
 
 def grpo_advantages(
-    rewards: torch.Tensor, groups: torch.Tensor, *, scale: bool = True, eps: float = 1e-4
+    rewards: torch.Tensor, groups: torch.Tensor, *, scale: str = "group", eps: float = 1e-4
 ) -> torch.Tensor:
     """GRPO: A_i = (R_i - mean_group) / (std_group + eps), std with Bessel's correction (TRL: eps 1e-4).
 
-    scale=False is Dr.GRPO (Liu et al. 2025): A_i = R_i - mean_group, no division.
+    scale="none" is Dr.GRPO (Liu et al. 2025): A_i = R_i - mean_group, no division; "batch"
+    divides by the std of the whole batch instead (TRL's scale_rewards="batch").
     Example: R = (1, 0, 0, 1) in one group: mean 0.5, std sqrt(4 * 0.25 / 3) = 0.57735;
     A = +-0.5 / 0.57745 = +-0.86588.
     """
     mean, std, _ = group_mean_std(rewards, groups)
     advantages = rewards - mean
-    if scale:
+    if scale == "group":
         advantages = advantages / (std + eps)
+    elif scale == "batch":
+        advantages = advantages / ((rewards.std() if rewards.numel() > 1 else 0.0) + eps)
+    elif scale != "none":
+        raise ValueError(f"scale must be group, batch or none, got {scale!r}")
     return torch.where(_equal_rows(rewards, groups), torch.zeros_like(advantages), advantages)
 
 

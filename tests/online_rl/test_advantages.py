@@ -43,7 +43,9 @@ def test_grpo_bessel_std_and_eps():
 def test_dr_grpo_no_division():
     rewards = t(1, 0, 0, 1, 2, 4, 6)
     groups = torch.tensor([0, 0, 0, 0, 1, 1, 1])
-    close(grpo_advantages(rewards, groups, scale=False), [0.5, -0.5, -0.5, 0.5, -2, 0, 2])
+    close(grpo_advantages(rewards, groups, scale="none"), [0.5, -0.5, -0.5, 0.5, -2, 0, 2])
+    # scale="batch": the batch's std: mean 2, squares 1+4+4+1+0+4+16 = 30, var 30/6 = 5
+    close(grpo_advantages(rewards, groups, scale="batch")[4], -2 / (math.sqrt(5) + 1e-4))
 
 
 def test_all_equal_groups_zero_never_nan_and_counted():
@@ -53,7 +55,7 @@ def test_all_equal_groups_zero_never_nan_and_counted():
     groups = torch.tensor([0, 0, 0, 1, 2, 2])
     for advantages in (
         grpo_advantages(rewards, groups),
-        grpo_advantages(rewards, groups, scale=False),
+        grpo_advantages(rewards, groups, scale="none"),
         rloo_advantages(rewards, groups),
     ):
         assert torch.isfinite(advantages).all()
