@@ -43,24 +43,29 @@ def _parse_loss_arg(text: str) -> tuple[str, object]:
     return name.strip(), yaml.safe_load(value)  # 0.1 -> float, true -> bool, null -> None
 
 
-def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (hyphenated); only flags given on the command line override."""
+def _add_train_options(parser: argparse.ArgumentParser, skip: tuple = ()) -> None:
+    """One flag per TrainConfig field (hyphenated); only flags given on the command line override.
+
+    `skip`: fields a command defines flags for itself (iterate's sampling and reward settings)."""
     from prefopt.config import FIELDS, field_type
+    from prefopt.config import flag as flag_of
 
     parser.add_argument("--config", help="YAML recipe; its keys are TrainConfig fields")
     for name, spec in FIELDS.items():
+        if name in skip:
+            continue
         flag = "--" + name.replace("_", "-")
         kind = field_type(name)
         help_text = spec.metadata.get("help", "")
-        if name == "loss_args":
+        if kind is dict:  # --loss-arg, --reward-arg
             parser.add_argument(
-                "--loss-arg",
-                dest="loss_args",
+                flag_of(name),
+                dest=name,
                 action="append",
                 type=_parse_loss_arg,
                 default=argparse.SUPPRESS,
                 metavar="NAME=VALUE",
-                help="loss hyperparameter (repeatable)",
+                help=f"{name.split('_')[0]} {'hyperparameter' if name == 'loss_args' else 'argument'} (repeatable)",
             )
         elif kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
@@ -75,8 +80,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from prefopt.run import train
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config")}
-    if "loss_args" in overrides:
-        overrides["loss_args"] = dict(overrides["loss_args"])
+    for name in ("loss_args", "reward_args"):
+        if name in overrides:
+            overrides[name] = dict(overrides[name])
     try:
         result = train(build_config(load_yaml(args.config) if args.config else {}, overrides))
     except BaseException:

@@ -245,7 +245,8 @@ def add_commands(commands) -> None:
         help="online iterative DPO / rejection sampling: sample, score, pair, train, for --rounds rounds",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    _add_train_options(loop)  # --model, --loss, --output-dir, ... as for train
+    # --model, --loss, --output-dir, ... as for train; the loop's own sampling and reward flags below
+    _add_train_options(loop, skip=("reward", "reward_args", "reward_module", "max_new_tokens", "temperature", "top_p"))
     s = argparse.SUPPRESS
     loop.add_argument("--prompts", nargs="+", default=s, help="prompt-only or preference files")
     loop.add_argument("--reward", default=s, help="registered reward name")

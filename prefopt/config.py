@@ -86,6 +86,14 @@ class TrainConfig:
     max_length: int = _help("token budget of prompt + completion", default=512)
     max_prompt_length: int | None = _help("token budget of the prompt (its end is kept)", default=None)
     group_by_length: bool = _help("batch examples of similar length together (less padding)", default=False)
+    # online: policy-gradient losses (grpo, rloo, remax, reinforce_pp) sample from prompt-only data each step
+    num_generations: int = _help("completions sampled per prompt each step (G; the group of GRPO/RLOO)", default=4)
+    max_new_tokens: int = _help("token budget of each sampled completion", default=64)
+    temperature: float = _help("sampling temperature of the completions (> 0)", default=1.0)
+    top_p: float = _help("nucleus sampling: keep the smallest set of tokens with this much probability", default=1.0)
+    reward: str | None = _help("registered reward that scores sampled completions (`prefopt rewards`)", default=None)
+    reward_args: dict = _help("reward arguments, e.g. {path: DIR}; CLI: --reward-arg NAME=VALUE", default_factory=dict)
+    reward_module: list = _help("modules or .py files to import first (custom rewards)", default_factory=list)
     # optimisation
     output_dir: str = _help("where the run writes config, metrics, checkpoints and final/", default="runs/prefopt")
     max_steps: int = _help("optimizer steps; -1: run num_epochs", default=-1)
@@ -156,6 +164,8 @@ _RANGES: dict[str, tuple] = {
     "lora_dropout": (lambda v: 0 <= v < 1, ">= 0 and < 1"),
     "seed": (lambda v: 0 <= v < 2**32, "between 0 and 2**32 - 1"),
     "skip_nonfinite": (lambda v: v >= 0, ">= 0"),
+    "temperature": (lambda v: v > 0, "> 0 (policy-gradient losses learn from differences between samples)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     **{
         name: (lambda v: v >= 1, ">= 1")
         for name in (
@@ -170,6 +180,8 @@ _RANGES: dict[str, tuple] = {
             "chunk_size",
             "lora_r",
             "lora_alpha",
+            "num_generations",
+            "max_new_tokens",
         )
     },
 }
@@ -296,9 +308,13 @@ def load_yaml(path: str | Path) -> YamlValues:
     return YamlValues(values, path)
 
 
+# Mappings given on the command line one NAME=VALUE at a time: --loss-arg, --reward-arg.
+DICT_FIELDS = ("loss_args", "reward_args")
+
+
 def flag(name: str) -> str:
     """The command-line flag of a field: learning_rate -> --learning-rate."""
-    return "--loss-arg" if name == "loss_args" else "--" + name.replace("_", "-")
+    return "--" + name[:-1].replace("_", "-") if name in DICT_FIELDS else "--" + name.replace("_", "-")
 
 
 def build_config(yaml_values: dict | None = None, overrides: dict | None = None) -> TrainConfig:

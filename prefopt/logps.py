@@ -301,9 +301,8 @@ def score_completions(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(summed logps (N,), lengths (N,), summed token KL (N,) or None) per sequence."""
     want_kl = ref_states is not None
-    if not want_kl and _plain_linear(head):
-        token_logps = _LinearHeadLogps.apply(states.hidden, head.weight, states.targets, chunk_size)
-        return _per_sequence(token_logps, states) + (None,)
+    if not want_kl:
+        return _per_sequence(completion_token_logps(head, states, chunk_size), states) + (None,)
     if want_kl and _plain_linear(head) and _plain_linear(ref_head):
         token_logps, token_kl = _LinearHeadLogpsKL.apply(
             states.hidden, head.weight, states.targets, ref_states.hidden.detach(), ref_head.weight.detach(), chunk_size
@@ -333,6 +332,20 @@ def score_completions(
         token_kl = torch.cat(pieces_kl) if pieces_kl else torch.zeros(0, device=device)
         kl = torch.zeros(states.num_rows, device=device, dtype=torch.float32).index_add(0, states.rows, token_kl)
     return logps, lengths, kl
+
+
+def completion_token_logps(head: torch.nn.Module, states: CompletionStates, chunk_size: int = 1024) -> torch.Tensor:
+    """The log-prob of each completion token (K,), chunked as `score_completions` (policy-gradient
+    losses weight each token by its own advantage)."""
+    if _plain_linear(head):
+        return _LinearHeadLogps.apply(states.hidden, head.weight, states.targets, chunk_size)
+    grad = torch.is_grad_enabled() and states.hidden.requires_grad
+    pieces = []
+    for start in range(0, states.hidden.shape[0], chunk_size):
+        args = (head, states.hidden[start : start + chunk_size], states.targets[start : start + chunk_size], None, None)
+        # with gradients, each chunk's logits are recomputed in backward instead of kept
+        pieces.append((checkpoint(_chunk_scores, *args, use_reentrant=False) if grad else _chunk_scores(*args))[0])
+    return torch.cat(pieces) if pieces else torch.zeros(0, device=states.hidden.device)
 
 
 def score_model(

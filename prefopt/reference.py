@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from prefopt.config import ConfigError
 from prefopt.data.collate import SequenceBatch
-from prefopt.logps import score_model
+from prefopt.logps import completion_states, completion_token_logps, output_head, score_model
 
 CACHE_VERSION = "1"
 
@@ -32,19 +32,33 @@ class ModelReference:
         self.chunk_size = chunk_size
         self.use_logits = use_logits
 
-    @torch.no_grad()
-    def __call__(self, policy, batch: SequenceBatch, keep_states: bool):
+    @contextlib.contextmanager
+    def _model(self, policy):
+        """The reference model, in eval mode (no dropout), adapter off where that is the reference."""
         policy = getattr(policy, "module", policy)  # DDP: no gradients here, so the bare model will do
         model = policy if self.disable_adapter else self.model
         was_training = model.training
-        model.eval()  # no dropout in the reference
+        model.eval()
         adapter_off = policy.disable_adapter() if self.disable_adapter else contextlib.nullcontext()
         try:
             with adapter_off:
-                (logps, _, _), states, head = score_model(model, batch, self.use_logits, self.chunk_size)
+                yield model
         finally:
             model.train(was_training)
+
+    @torch.no_grad()
+    def __call__(self, policy, batch: SequenceBatch, keep_states: bool):
+        with self._model(policy) as model:
+            (logps, _, _), states, head = score_model(model, batch, self.use_logits, self.chunk_size)
         return logps, (states if keep_states else None), head
+
+    @torch.no_grad()
+    def token_logps(self, policy, batch: SequenceBatch) -> torch.Tensor:
+        """The reference's log-prob of each completion token (K,): policy-gradient losses' per-token KL."""
+        with self._model(policy) as model:
+            states = completion_states(model, batch, self.use_logits)
+            head = torch.nn.Identity() if self.use_logits else output_head(model)
+            return completion_token_logps(head, states, self.chunk_size)
 
 
 def _row_keys(batch: SequenceBatch) -> list[tuple[int, str]]:

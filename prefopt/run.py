@@ -65,6 +65,11 @@ def choose_reference(spec: LossSpec, config: TrainConfig) -> str:
             "reference=adapter is the policy's own base with its adapter disabled, not --reference-model; "
             "use reference=copy or reference=cached with --reference-model"
         )
+    if mode == "cached" and spec.needs_rollouts:
+        raise ConfigError(
+            f"reference=cached cannot serve loss '{spec.name}': it scores completions sampled during training, "
+            "which no cache holds; use reference=copy or reference=adapter"
+        )
     if mode == "cached" and spec.needs_token_kl:
         raise ConfigError(
             f"reference=cached cannot serve loss '{spec.name}': it needs the token-level KL over the full "
@@ -75,6 +80,8 @@ def choose_reference(spec: LossSpec, config: TrainConfig) -> str:
 
 
 def _prepare_examples(config: TrainConfig, spec: LossSpec):
+    if spec.needs_rollouts:  # policy-gradient losses sample their own completions of each prompt
+        return _prepare_prompts(config, spec)
     train_examples, report = load_examples(config.data, config.format)
     for warning in report.warnings:
         print(f"prefopt: data: {warning}")
@@ -93,7 +100,27 @@ def _prepare_examples(config: TrainConfig, spec: LossSpec):
     return train_examples, eval_examples, report
 
 
+def _prepare_prompts(config: TrainConfig, spec: LossSpec):
+    from prefopt.data.formats import load_prompts
+
+    if config.eval_data or config.eval_fraction:
+        raise ConfigError(
+            f"loss '{spec.name}' trains on sampled completions; held-out evaluation during training is not "
+            "implemented for it: score the final model with `prefopt eval --prompts FILE --reward NAME`"
+        )
+    if not config.reward:
+        raise ConfigError(
+            f"loss '{spec.name}' samples completions and needs a reward to score them: pass --reward NAME"
+        )
+    prompts, report = load_prompts(config.data, config.format)
+    return prompts, [], report
+
+
 def _tokenize(examples: list, tokenizer, config: TrainConfig, spec: LossSpec, label: str) -> list:
+    if spec.needs_rollouts:
+        from prefopt.online.step import tokenize_prompts
+
+        return tokenize_prompts(examples, tokenizer, config.max_prompt_length)
     tokenizing = PreferenceTokenizer(tokenizer, config.max_length, config.max_prompt_length)
     items = tokenizing.all(examples)
     rep = tokenizing.report
@@ -328,7 +355,7 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
     probe = torch.tensor([tokenizer("probe")["input_ids"][:4] or [tokenizer.eos_token_id]])
     use_logits = not head_matches_model(model, probe.to(next(model.parameters()).device))
     # Pairs share their prompt; so do KTO's examples and their mismatched (KL) completions.
-    layout_shares = spec.paired or spec.needs_kl_pairs
+    layout_shares = spec.paired or spec.needs_kl_pairs or spec.needs_rollouts
     share_prefix = config.share_prefix and layout_shares and _shared_prefix_works(model, tokenizer, use_logits)
     if config.share_prefix and layout_shares and not share_prefix:
         print("prefopt: this model does not take a custom 4-D attention mask; prompts are not shared")
@@ -344,6 +371,11 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
         )
     if getattr(reference, "path", None):
         print(f"prefopt: reference log-probs {'reused from' if reference.reused else 'cached in'} {reference.path}")
+    rollouts = None
+    if spec.needs_rollouts:  # each step samples the batch's prompts and scores the completions
+        from prefopt.online.step import PromptCollator, make_rollouts
+
+        rollouts = make_rollouts(config, spec, tokenizer, share_prefix, use_logits)
 
     args = _training_arguments(config, bool(eval_items), precision)
     trainer = PreferenceTrainer(
@@ -352,11 +384,12 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
         optimizer_cls_and_kwargs=prec.optimizer_cls_and_kwargs(optimizer, config, args),
         train_dataset=ListDataset(train_items),
         eval_dataset=ListDataset(eval_items) if eval_items else None,
-        data_collator=DictCollator(collator),
+        data_collator=PromptCollator() if rollouts else DictCollator(collator),
         processing_class=tokenizer,
         loss_fn=get_loss(config.loss),
         loss_args=loss_args,
         reference=reference,
+        rollouts=rollouts,
         chunk_size=config.chunk_size,
         use_logits=use_logits,
         group_by_length=config.group_by_length,
@@ -463,6 +496,7 @@ def _summary(trainer, last: dict, seconds: float, reference_mode: str, eval_befo
         "reward_chosen": last.get("rewards/chosen"),
         "reward_rejected": last.get("rewards/rejected"),
         "kl": last.get("kl"),
+        "reward": last.get("reward"),
         "reference": reference_mode,
         "eval_before": eval_before,
         "eval_after": eval_after,
@@ -482,6 +516,7 @@ def _reward_parts(values: dict, paired: bool) -> list[str]:
         "reward_chosen": f"reward {chosen}",
         "reward_rejected": f"reward {rejected}",
         "kl": "KL estimate",
+        "reward": "mean reward",
     }
     shown = [key for key in labels if values.get(key) is not None]
     if "reward_accuracy" in shown:  # paired losses: accuracy and margin say it; chosen/rejected are in metrics.jsonl

@@ -82,6 +82,7 @@ class PreferenceTrainer(TrainerHooks):
         loss_fn,
         loss_args: dict,
         reference=None,
+        rollouts=None,
         chunk_size: int = 1024,
         use_logits: bool = False,
         group_by_length: bool = False,
@@ -93,6 +94,7 @@ class PreferenceTrainer(TrainerHooks):
         self.spec = loss_fn.spec
         self.loss_args = loss_args
         self.reference = reference
+        self.rollouts = rollouts  # prefopt.online.step.Rollouts when the loss declares needs_rollouts
         self.chunk_size = chunk_size
         self.use_logits = use_logits
         self.group_by_length = group_by_length
@@ -177,8 +179,11 @@ class PreferenceTrainer(TrainerHooks):
         self.step_grad_norm = norm
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        batch = SequenceBatch(**inputs)
-        loss, metrics = self.batch_loss(model, batch)
+        if self.rollouts is not None:  # prompts: sample, score, then the loss over the completions' tokens
+            loss, metrics, batch = self.rollouts(model, inputs["prompts"], self.loss_fn, self.loss_args, self.reference)
+        else:
+            batch = SequenceBatch(**inputs)
+            loss, metrics = self.batch_loss(model, batch)
         if model.training and not torch.isfinite(loss).item():
             self.nonfinite("loss", batch.example_indices)
             # skipped: no gradient from this micro-batch (optimizers skip parameters without one)

@@ -125,55 +125,69 @@ class PreferenceCollator:
     def _shared(self, examples: list, branches: list, chosen: list, rejected: list, kl: list) -> SequenceBatch:
         """branches[i] = (prompt, first, second): logical rows i (first) and b + i (second)."""
         b = len(examples)
-        spans = [len(p) + len(f) + len(r) for p, f, r in branches]
-        width = max(spans)
-        placement = _pack(spans, width) if self.pack else [(i, 0) for i in range(b)]
-        num_sequences = 1 + max(row for row, _ in placement)
-        input_ids = torch.full((num_sequences, width), self.pad_id, dtype=torch.long)
-        position_ids = torch.zeros((num_sequences, width), dtype=torch.long)
-        segment = torch.full((num_sequences, width), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 pad
-        owner = torch.full((num_sequences, width), -1, dtype=torch.long)  # which pair a position belongs to
-        sources, tokens, rows = [], [], []
-        for i, ((prompt_ids, first_ids, second_ids), (row, offset)) in enumerate(zip(branches, placement, strict=True)):
-            p, c, r = len(prompt_ids), len(first_ids), len(second_ids)
-            start = offset
-            input_ids[row, start : start + p + c + r] = _as_long(prompt_ids + first_ids + second_ids)
-            position_ids[row, start : start + p + c] = torch.arange(p + c)
-            position_ids[row, start + p + c : start + p + c + r] = torch.arange(
-                p, p + r
-            )  # rejected continues the prompt
-            segment[row, start : start + p] = 0
-            segment[row, start + p : start + p + c] = 1
-            segment[row, start + p + c : start + p + c + r] = 2
-            owner[row, start : start + p + c + r] = i
-            base = row * width + start
-            last_prompt = base + p - 1
-            # chosen token j is predicted from position p + j - 1; rejected token j from p + c + j - 1,
-            # except the first, which is predicted from the prompt's last position like chosen's first
-            sources += [last_prompt] + list(range(base + p, base + p + c - 1))
-            sources += [last_prompt] + list(range(base + p + c, base + p + c + r - 1))
-            tokens += first_ids + second_ids
-            rows += [i] * c + [b + i] * r
-        q, k = segment[:, :, None], segment[:, None, :]
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        same_pair = owner[:, :, None] == owner[:, None, :]
-        visible = causal & same_pair & (k != 3) & ((k == 0) | (k == q))
-        visible |= torch.eye(width, dtype=torch.bool) & (q == 3)  # padding attends to itself only (no empty rows)
-        return SequenceBatch(
-            input_ids=input_ids,
-            attention_mask=visible[:, None],
-            position_ids=position_ids,
-            predict_from=_as_long(sources),
-            predict_token=_as_long(tokens),
-            predict_row=_as_long(rows),
-            num_rows=2 * b,
-            chosen_rows=_as_long(chosen),
-            rejected_rows=_as_long(rejected),
-            kl_rows=_as_long(kl),
-            num_tokens=int((segment != 3).sum()),
-            example_indices=[e.index for e in examples],
-            paired=not kl,
-        )
+        groups = [(prompt, [first, second]) for prompt, first, second in branches]
+        batch = shared_prefix_batch(groups, [[i, b + i] for i in range(b)], self.pad_id, self.pack)
+        batch.chosen_rows, batch.rejected_rows, batch.kl_rows = _as_long(chosen), _as_long(rejected), _as_long(kl)
+        batch.example_indices = [e.index for e in examples]
+        batch.paired = not kl
+        return batch
+
+
+def shared_prefix_batch(groups: list, rows: list, pad_id: int, pack: bool = True) -> SequenceBatch:
+    """One sequence per prompt, [prompt; completion 1; ...; completion G], for any G.
+
+    groups[i] = (prompt ids, [completion ids, ...]); rows[i][j] is the logical row of completion j
+    of prompt i. A 4-D mask lets each completion see the prompt and its own earlier tokens only,
+    and its position ids continue the prompt, so each completion is scored as if alone after it.
+    With `pack`, prompts whose sequences are shorter than the longest share a row. Only the
+    prediction map and model inputs are set; the caller sets the row roles.
+    """
+    spans = [len(p) + sum(map(len, completions)) for p, completions in groups]
+    width = max(spans)
+    placement = _pack(spans, width) if pack else [(i, 0) for i in range(len(groups))]
+    num_sequences = 1 + max(row for row, _ in placement)
+    input_ids = torch.full((num_sequences, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((num_sequences, width), dtype=torch.long)
+    segment = torch.full((num_sequences, width), -1, dtype=torch.long)  # 0 prompt, j + 1 completion j, -1 pad
+    owner = torch.full((num_sequences, width), -1, dtype=torch.long)  # which prompt a position belongs to
+    sources, tokens, logical = [], [], []
+    for i, ((prompt_ids, completions), (row, offset)) in enumerate(zip(groups, placement, strict=True)):
+        p = len(prompt_ids)
+        base = row * width + offset
+        input_ids[row, offset : offset + p] = _as_long(prompt_ids)
+        position_ids[row, offset : offset + p] = torch.arange(p)
+        segment[row, offset : offset + p] = 0
+        start = offset + p
+        for j, completion in enumerate(completions):
+            c = len(completion)
+            input_ids[row, start : start + c] = _as_long(completion)
+            position_ids[row, start : start + c] = torch.arange(p, p + c)  # each completion continues the prompt
+            segment[row, start : start + c] = j + 1
+            # token 0 is predicted from the prompt's last position, token t from the completion's t - 1
+            sources += [base + p - 1] + list(range(row * width + start, row * width + start + c - 1))
+            tokens += completion
+            logical += [rows[i][j]] * c
+            start += c
+        owner[row, offset:start] = i
+    q, k = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same_prompt = owner[:, :, None] == owner[:, None, :]
+    visible = causal & same_prompt & (k != -1) & ((k == 0) | (k == q))
+    visible |= torch.eye(width, dtype=torch.bool) & (q == -1)  # padding attends to itself only (no empty rows)
+    empty = _as_long([])
+    return SequenceBatch(
+        input_ids=input_ids,
+        attention_mask=visible[:, None],
+        position_ids=position_ids,
+        predict_from=_as_long(sources),
+        predict_token=_as_long(tokens),
+        predict_row=_as_long(logical),
+        num_rows=1 + max((r for group in rows for r in group), default=-1),
+        chosen_rows=empty,
+        rejected_rows=empty,
+        kl_rows=empty,
+        num_tokens=int((segment != -1).sum()),
+    )
 
 
 def _pack(spans: list[int], width: int) -> list[tuple[int, int]]:
