@@ -150,3 +150,30 @@ def test_config_errors(setup, tmp_path):
         train(config(setup, tmp_path, eval_fraction=0.5))
     with pytest.raises(ConfigError, match="temperature"):
         config(setup, tmp_path, temperature=0.0)
+
+
+def test_resume_is_exact_including_the_sampling_rng(setup, tmp_path):
+    """Stopped after checkpoint-2 and resumed: the same completions (rewards), losses and final weights
+    as the run that never stopped. Sampling draws from the global torch RNG, which each checkpoint keeps."""
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    class StopAfter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                control.should_training_stop = True
+
+    settings = dict(max_steps=4, save_steps=2, batch_size=2)
+    straight = train(config(setup, tmp_path, output_dir=str(tmp_path / "straight"), **settings))
+    stopped = config(setup, tmp_path, output_dir=str(tmp_path / "stopped"), **settings)
+    train(stopped, callbacks=[StopAfter()], save_final=False)
+    assert (tmp_path / "stopped" / "checkpoint-2").is_dir()
+    resumed = train(config(setup, tmp_path, output_dir=str(tmp_path / "stopped"), resume=True, **settings))
+    assert resumed.steps == 4
+
+    def by_step(output_dir):
+        return {r["step"]: (r["reward"], r["completion_length"], r["loss"]) for r in metrics(output_dir)}
+
+    assert by_step(resumed.output_dir) == by_step(straight.output_dir)  # bit-identical on the CPU
+    a, b = load_file(straight.final_dir / "model.safetensors"), load_file(resumed.final_dir / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
