@@ -177,3 +177,22 @@ def test_resume_is_exact_including_the_sampling_rng(setup, tmp_path):
     assert by_step(resumed.output_dir) == by_step(straight.output_dir)  # bit-identical on the CPU
     a, b = load_file(straight.final_dir / "model.safetensors"), load_file(resumed.final_dir / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grpo_recipe_runs_a_step(tmp_path, monkeypatch):
+    """recipes/online/grpo.yaml (outside recipes/*.yaml, whose test expects held-out evaluation) on a tiny model."""
+    from pathlib import Path
+
+    from prefopt.config import build_config, load_yaml
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)
+    overrides = {
+        "model": save_tiny_model(tmp_path / "tiny"),
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": 1,
+        "num_generations": 2,
+        "max_new_tokens": 4,
+    }
+    result = train(build_config(load_yaml(root / "recipes/online/grpo.yaml"), overrides))
+    assert result.steps == 1 and "reward" in result.metrics and result.metrics["equal_groups"] >= 0
