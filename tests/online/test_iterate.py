@@ -75,3 +75,24 @@ def test_a_round_without_pairs_says_why(tmp_path, capsys):
         "prefopt: error: round 1 yielded no training data: all 4 prompts were ties "
         "(every completion of a prompt got the same reward)"
     )
+
+
+def test_iterate_recipes_run_a_round_on_a_tiny_model(tmp_path):
+    """recipes/online/iterative-dpo.yaml and rejection-sampling.yaml as shipped, with the model, reward
+    and sizes overridden on the command line: one round each, trained and evaluated."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    model, prompts, module = _setup(tmp_path)
+    for name, reward in (("iterative-dpo", "test_iter_length"), ("rejection-sampling", "test_iter_constant")):
+        out = tmp_path / name
+        argv = [
+            "iterate", "--config", str(root / "recipes" / "online" / f"{name}.yaml"), "--model", model,
+            "--prompts", prompts, "--reward", reward, "--reward-module", module, "--rounds", "1",
+            "--num-samples", "2", "--max-new-tokens", "4", "--held-out", "2", "--prompts-per-round", "4",
+            "--output-dir", str(out), "--max-steps", "1", "--max-length", "64",
+        ]  # fmt: skip
+        if name == "rejection-sampling":  # every constant-reward sample passes the best-of-n threshold
+            argv += ["--threshold", "0.5"]
+        assert main(argv) == 0, name
+        assert (out / "round-1" / "run" / "final").is_dir() and (out / "round-1" / "eval.json").exists(), name
