@@ -75,6 +75,36 @@ EXPERIMENTS = {
     ],
 }
 
+_SHIFTS_TITLE = "held-out log pi - log pi_ref (solid chosen, dashed rejected)"
+
+
+@dataclass(frozen=True)
+class Figure:
+    """What an experiment's figure shows. `kl_vs_accuracy`: panel 1 plots held-out KL against reward
+    accuracy; otherwise panel 1 plots the chosen/rejected log-prob shifts and panel 3 the training
+    batches' log-probs. `middle` is the held-out metric of panel 2."""
+
+    titles: tuple[str, str, str]
+    middle: str = "kl"
+    kl_vs_accuracy: bool = False
+
+
+FIGURES = {
+    "dpo-vs-dpop": Figure((_SHIFTS_TITLE, "held-out KL(pi || pi_ref)", "training batch log-probs")),
+    "tdpo": Figure(
+        (
+            "held-out KL(pi || pi_ref) vs reward accuracy",
+            "held-out KL(pi || pi_ref) by step",
+            "held-out reward accuracy by step",
+        ),  # fmt: skip
+        kl_vs_accuracy=True,
+    ),
+    "orpo": Figure((_SHIFTS_TITLE, "held-out KL(pi || pi_ref)", "training batch log-probs")),
+    "kto-imbalance": Figure(
+        (_SHIFTS_TITLE, "held-out reward accuracy (pairs)", "training batch log-probs"), middle="reward_accuracy"
+    ),
+}
+
 
 class HeldOutProbe(TrainerCallback):
     """Every `every` steps (and before the first): held-out pair numbers of the policy against
@@ -196,34 +226,30 @@ def plot_experiment(name: str, runs: dict, output: Path) -> Path:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    shape = FIGURES[name]
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, folder) in enumerate(runs.items()):
         color = colors[i % len(colors)]
         probes = _read(probe_file(Path(folder)))
         train_logs = [r for r in _read(Path(folder) / "metrics.jsonl") if "loss" in r]
-        if name == "tdpo":
+        if shape.kl_vs_accuracy:
             acc, kl = _series(probes, "reward_accuracy")[1], _series(probes, "kl")[1]
             axes[0].plot(kl, acc, "o-", color=color, label=label)
-            axes[1].plot(*_series(probes, "kl"), "o-", color=color, label=label)
+            axes[1].plot(*_series(probes, shape.middle), "o-", color=color, label=label)
             axes[2].plot(*_series(probes, "reward_accuracy"), "o-", color=color, label=label)
         else:
             axes[0].plot(*_series(probes, "logps_shift_chosen"), "o-", color=color, label=f"{label} chosen")
             axes[0].plot(*_series(probes, "logps_shift_rejected"), "o--", color=color, label=f"{label} rejected")
-            key = "reward_accuracy" if name == "kto-imbalance" else "kl"
-            axes[1].plot(*_series(probes, key), "o-", color=color, label=label)
+            axes[1].plot(*_series(probes, shape.middle), "o-", color=color, label=label)
             axes[2].plot(*_series(train_logs, "logps/chosen"), "-", color=color, label=f"{label} chosen")
             axes[2].plot(*_series(train_logs, "logps/rejected"), "--", color=color, label=f"{label} rejected")
-    titles = {
-        "tdpo": ("held-out KL(pi || pi_ref) vs reward accuracy", "held-out KL(pi || pi_ref) by step", "held-out reward accuracy by step"),  # fmt: skip
-        "kto-imbalance": ("held-out log pi - log pi_ref (solid chosen, dashed rejected)", "held-out reward accuracy (pairs)", "training batch log-probs"),  # fmt: skip
-    }.get(name, ("held-out log pi - log pi_ref (solid chosen, dashed rejected)", "held-out KL(pi || pi_ref)", "training batch log-probs"))  # fmt: skip
-    for ax, title in zip(axes, titles, strict=True):
+    for ax, title in zip(axes, shape.titles, strict=True):
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("KL(pi || pi_ref), nats" if (name == "tdpo" and ax is axes[0]) else "step")
+        ax.set_xlabel("KL(pi || pi_ref), nats" if (shape.kl_vs_accuracy and ax is axes[0]) else "step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    if name != "tdpo":
+    if not shape.kl_vs_accuracy:
         axes[0].axhline(0, color="black", linewidth=0.8)
     figure.suptitle(f"prefopt.experiments {name}", fontsize=11)
     figure.tight_layout()

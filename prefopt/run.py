@@ -33,6 +33,7 @@ from prefopt.hub import cache_root
 from prefopt.losses import LossSpec, get_loss, get_loss_spec
 from prefopt.plugins import import_loss_module
 from prefopt.run_guard import RunStart, begin_run, quiet_tied_weight_warnings
+from prefopt.summary import build_summary, print_summary
 
 
 @dataclass
@@ -286,11 +287,11 @@ def _train(config: TrainConfig, callbacks: list | None, save_final: bool, cleanu
     if stopper.received:
         print(f"prefopt: {stopper.received} received after the last step; the run finished and saved final/ first")
     last = next((entry for entry in reversed(trainer.state.log_history) if "loss" in entry), {})
-    summary = _summary(trainer, last, seconds, reference_mode, eval_before, eval_after)
+    summary = build_summary(trainer, last, seconds, reference_mode, eval_before, eval_after)
     if is_main:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         __import__("prefopt.report").report.write_run_report(output_dir)  # report.png; never fails a run
-        _print_summary(summary, final_dir, paired=spec.paired)
+        print_summary(summary, final_dir, paired=spec.paired)
     return TrainResult(
         output_dir=output_dir,
         final_dir=final_dir,
@@ -483,70 +484,3 @@ def _stopped_early(stopper, trainer, output_dir: Path, eval_before: dict, refere
         trainer=trainer,
         interrupted=stopper.received,
     )
-
-
-def _summary(trainer, last: dict, seconds: float, reference_mode: str, eval_before: dict, eval_after: dict) -> dict:
-    return {
-        "steps": trainer.state.global_step,
-        "seconds": round(seconds, 2),
-        "tokens_per_s": last.get("tokens_per_s"),
-        "final_loss": last.get("loss"),
-        "reward_accuracy": last.get("rewards/accuracies"),
-        "reward_margin": last.get("rewards/margins"),
-        "reward_chosen": last.get("rewards/chosen"),
-        "reward_rejected": last.get("rewards/rejected"),
-        "kl": last.get("kl"),
-        "reward": last.get("reward"),
-        "reference": reference_mode,
-        "eval_before": eval_before,
-        "eval_after": eval_after,
-    }
-
-
-def _fmt(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _reward_parts(values: dict, paired: bool) -> list[str]:
-    """The reward figures this loss reported, in words (unpaired data: desirable/undesirable)."""
-    chosen, rejected = ("chosen", "rejected") if paired else ("desirable", "undesirable")
-    labels = {
-        "reward_accuracy": "reward accuracy",
-        "reward_margin": "margin",
-        "reward_chosen": f"reward {chosen}",
-        "reward_rejected": f"reward {rejected}",
-        "kl": "KL estimate",
-        "reward": "mean reward",
-    }
-    shown = [key for key in labels if values.get(key) is not None]
-    if "reward_accuracy" in shown:  # paired losses: accuracy and margin say it; chosen/rejected are in metrics.jsonl
-        shown = [key for key in shown if key in ("reward_accuracy", "reward_margin")]
-    return [f"{labels[key]} {_fmt(values[key])}" for key in shown]
-
-
-_EVAL_KEYS = {
-    "reward_accuracy": "rewards/accuracies",
-    "reward_margin": "rewards/margins",
-    "reward_chosen": "rewards/chosen",
-    "reward_rejected": "rewards/rejected",
-    "kl": "kl",
-}
-
-
-def _print_summary(summary: dict, final_dir: Path, paired: bool = True) -> None:
-    parts = [
-        f"{summary['steps']} steps in {summary['seconds']:.1f}s",
-        f"{_fmt(summary['tokens_per_s'])} tokens/s",
-        f"loss {_fmt(summary['final_loss'])}",
-        *_reward_parts(summary, paired),
-    ]
-    print("prefopt: done: " + ", ".join(parts))
-    for label, prefix in (("before", "eval_before_"), ("after", "eval_")):
-        values = {k[len(prefix) :]: v for k, v in summary[f"eval_{label}"].items()}
-        if values:
-            named = {key: values.get(metric) for key, metric in _EVAL_KEYS.items()}
-            parts = [f"loss {_fmt(values.get('loss'))}", *_reward_parts(named, paired)]
-            if values.get("policy/prefers_chosen") is not None:
-                parts.append(f"policy prefers chosen {_fmt(values['policy/prefers_chosen'])}")
-            print(f"prefopt: held-out {label:<6}: " + ", ".join(parts))
-    print(f"prefopt: final model in {final_dir}")
