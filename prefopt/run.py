@@ -372,11 +372,21 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
         )
     if getattr(reference, "path", None):
         print(f"prefopt: reference log-probs {'reused from' if reference.reused else 'cached in'} {reference.path}")
-    rollouts = None
+    rollouts = critic = None
+    if spec.needs_value_model:  # PPO's critic: a value head on the policy's states, trained with it
+        from prefopt.online.critic import value_head_for
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # its head is outside the DDP-wrapped model
+            raise ConfigError(
+                f"loss '{spec.name}' trains a value head that is not synchronised across processes "
+                "yet: run it on one process (one GPU or the CPU)"
+            )
+
+        critic = value_head_for(model, use_logits)
     if spec.needs_rollouts:  # each step samples the batch's prompts and scores the completions
         from prefopt.online.step import PromptCollator, make_rollouts
 
-        rollouts = make_rollouts(config, spec, tokenizer, share_prefix, use_logits)
+        rollouts = make_rollouts(config, spec, tokenizer, share_prefix, use_logits, critic)
 
     args = _training_arguments(config, bool(eval_items), precision)
     trainer = PreferenceTrainer(
@@ -391,6 +401,7 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
         loss_args=loss_args,
         reference=reference,
         rollouts=rollouts,
+        critic=critic,
         chunk_size=config.chunk_size,
         use_logits=use_logits,
         group_by_length=config.group_by_length,
@@ -401,6 +412,10 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
     trainer.add_callback(GradientGuard(trainer))
     if optimizer == "adamw" and prec.low_precision_trainable(model):
         trainer.add_callback(prec.DroppedUpdates())  # warns with the share of weights that moved
+    if critic is not None:
+        from prefopt.online.critic import value_head_callback
+
+        trainer.add_callback(value_head_callback(critic))
     stopper = StopOnSignal()
     trainer.add_callback(stopper)
     for callback in callbacks or []:
@@ -463,6 +478,8 @@ def _save_final(trainer, final_dir: Path, is_main: bool) -> None:
     if is_main:
         trainer.processing_class.save_pretrained(str(final_dir))
         (final_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.yaml has the settings
+        if trainer.critic is not None:  # PPO's value head, to continue training from final/
+            trainer.critic.save(final_dir)
 
 
 def _stopped_early(stopper, trainer, output_dir: Path, eval_before: dict, reference_mode: str) -> TrainResult:

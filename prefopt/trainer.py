@@ -3,8 +3,9 @@
 transformers gives the loop, gradient accumulation, schedulers, mixed precision,
 checkpoints and exact resume, logging integrations and multi-GPU through accelerate.
 This class adds one thing: `batch_loss`, which computes exactly what the loss declares
-it needs (reference log-probs, token-level KL, mismatched pairs) and nothing else. It
-never looks at the loss's name.
+it needs (reference log-probs, token-level KL, mismatched pairs; for policy-gradient losses
+the rollouts, and PPO's value head trained beside the policy) and nothing else. It never
+looks at the loss's name.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from prefopt.data.collate import PreferenceCollator, SequenceBatch
 from prefopt.errors import PrefoptError
 from prefopt.logps import score_model
 from prefopt.losses import LossInputs
+from prefopt.online.critic import VALUE_HEAD_FILE
 
 # Written into each checkpoint: prefopt's own state that transformers does not keep.
 PREFOPT_STATE = "prefopt_state.json"
@@ -83,6 +85,7 @@ class PreferenceTrainer(TrainerHooks):
         loss_args: dict,
         reference=None,
         rollouts=None,
+        critic=None,
         chunk_size: int = 1024,
         use_logits: bool = False,
         group_by_length: bool = False,
@@ -95,6 +98,7 @@ class PreferenceTrainer(TrainerHooks):
         self.loss_args = loss_args
         self.reference = reference
         self.rollouts = rollouts  # prefopt.online.step.Rollouts when the loss declares needs_rollouts
+        self.critic = critic  # prefopt.online.critic.ValueHead when the loss declares needs_value_model
         self.chunk_size = chunk_size
         self.use_logits = use_logits
         self.group_by_length = group_by_length
@@ -196,6 +200,16 @@ class PreferenceTrainer(TrainerHooks):
             self._window_tokens += batch.num_tokens
         return (loss, {}) if return_outputs else loss
 
+    def create_optimizer(self, model=None):
+        """transformers' optimizer over the policy, plus the critic's value head as its own group
+        (no weight decay), so the schedule, the optimizer state and its checkpoint cover both."""
+        optimizer = super().create_optimizer(model)
+        if self.critic is not None and not any(
+            p is q for group in optimizer.param_groups for p in group["params"] for q in self.critic.parameters()
+        ):
+            optimizer.add_param_group({"params": list(self.critic.parameters()), "weight_decay": 0.0})
+        return optimizer
+
     # -- checkpoints -------------------------------------------------------------------------
 
     def write_checkpoint(self, save) -> None:
@@ -237,6 +251,8 @@ class PreferenceTrainer(TrainerHooks):
         if self.args.should_save and checkpoint.is_dir():
             state = {"skipped_batches": self.skipped_batches}
             (checkpoint / PREFOPT_STATE).write_text(json.dumps(state, indent=2))
+            if self.critic is not None:
+                self.critic.save(checkpoint)
 
     def restore_prefopt_state(self, checkpoint: Path) -> None:
         """On resume: batches skipped before the checkpoint count against --skip-nonfinite."""
@@ -244,6 +260,8 @@ class PreferenceTrainer(TrainerHooks):
         if path.exists():
             self.skipped_batches = list(json.loads(path.read_text()).get("skipped_batches", []))
             self.skip_nonfinite = max(0, self.skip_nonfinite - len(self.skipped_batches))
+        if self.critic is not None and not self.critic.load(checkpoint):
+            raise PrefoptError(f"{checkpoint} has no value head ({VALUE_HEAD_FILE}) to resume PPO's critic from")
 
     # -- data ----------------------------------------------------------------------------
 

@@ -53,6 +53,7 @@ class LossInputs:
     groups: torch.Tensor | None = None  # (N,) long: the prompt each completion was sampled for
     baseline_rewards: torch.Tensor | None = None  # (N,) ReMax: the reward of the prompt's greedy completion
     token_values: torch.Tensor | None = None  # (K,) PPO: the critic's value before each token
+    old_token_values: torch.Tensor | None = None  # (K,) the values at sampling; None: one update per batch
     max_completion_length: int | None = None  # the sampler's max_new_tokens (Dr.GRPO's constant normaliser)
 
     def at_least_float32(self) -> LossInputs:

@@ -163,10 +163,32 @@ def reinforce_pp_advantages(
         len(scores),
         gamma=gamma,
     )
+    return whiten(returns, eps=eps)
+
+
+def whiten(values: torch.Tensor, *, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over all of `values`, var with Bessel's correction (TRL's and
+    verl's masked_whiten with the mean shifted). Fewer than two values have no spread: 0.
+
+    Example: x = (1, 2, 3): mean 2, var 1, -> (-1, 0, 1) / sqrt(1 + 1e-8).
+    """
+    if values.numel() < 2:
+        return torch.zeros_like(values)
+    return (values - values.mean()) / (values.var(unbiased=True) + eps).sqrt()
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
+    """1 - Var(returns - values) / Var(returns): 1 for a perfect critic, 0 for one that predicts
+    the mean, negative for worse. 0 when the returns do not vary (nothing to explain).
+
+    Example: returns (1, 2, 3), values (1, 2, 2): Var(0, 0, 1) = 1/3, Var(returns) = 1 -> 2/3.
+    """
     if returns.numel() < 2:
-        return torch.zeros_like(returns)
-    centred = returns - returns.mean()
-    return centred / (returns.var(unbiased=True) + eps).sqrt()
+        return returns.new_zeros(())
+    spread = returns.var(unbiased=True)
+    if spread == 0:
+        return returns.new_zeros(())
+    return 1 - (returns - values).var(unbiased=True) / spread
 
 
 def gae(

@@ -107,8 +107,10 @@ class Rollouts:
         pack: bool = True,
         chunk_size: int = 1024,
         use_logits: bool = False,
+        critic=None,
     ):
         self.tokenizer = tokenizer
+        self.critic = critic  # prefopt.online.critic.ValueHead when the loss declares needs_value_model
         self.reward = reward
         self.settings = settings
         self.greedy_baseline = greedy_baseline
@@ -178,6 +180,8 @@ class Rollouts:
         head = torch.nn.Identity() if self.use_logits else output_head(model)
         token_logps = completion_token_logps(head, states, self.chunk_size)
         inputs = _loss_inputs(batch, token_logps, ref_tokens, rewards, group_of, baseline_of, self.settings)
+        if self.critic is not None:  # V(s_t) from the state that predicts token t (the same forward)
+            inputs.token_values = self.critic(states.hidden)
         out = loss_fn(inputs, **loss_args)
         metrics.update({name: float(value) for name, value in out.metrics.items()})
         return out.loss, metrics, batch
@@ -211,8 +215,9 @@ def _loss_inputs(batch, token_logps, ref_tokens, rewards, group_of, baseline_of,
     )
 
 
-def make_rollouts(config, spec, tokenizer, share_prefix: bool, use_logits: bool) -> Rollouts:
-    """The Rollouts a TrainConfig asks for, with its reward loaded (user reward modules imported first)."""
+def make_rollouts(config, spec, tokenizer, share_prefix: bool, use_logits: bool, critic=None) -> Rollouts:
+    """The Rollouts a TrainConfig asks for, with its reward loaded (user reward modules imported first);
+    `critic` (a ValueHead) when the loss declares needs_value_model."""
     from prefopt.rewards import get_reward, import_reward_module
 
     for module in config.reward_module:
@@ -232,4 +237,5 @@ def make_rollouts(config, spec, tokenizer, share_prefix: bool, use_logits: bool)
         pack=config.pack,
         chunk_size=config.chunk_size,
         use_logits=use_logits,
+        critic=critic,
     )
