@@ -5,8 +5,9 @@ prompt prefilled once, its KV cache shared: prefopt.rollout), and one greedy com
 loss declares `needs_greedy_baseline` (ReMax); score them with the reward; lay the G completions
 of a prompt out in one sequence after it (the shared-prefix layout with G branches,
 prefopt.data.collate.shared_prefix_batch) or one row each; take the policy's (and the
-reference's) log-prob of every completion token with the chunked code of prefopt.logps; hand
-all of it to the loss as LossInputs. Sampling uses the global torch RNG, which transformers
+reference's) log-prob of every completion token with the chunked code of prefopt.logps, and,
+when the loss declares `needs_value_model` (PPO), the critic's value of the state before each
+token from the same forward (prefopt.online.critic); hand all of it to the loss as LossInputs. Sampling uses the global torch RNG, which transformers
 saves in each checkpoint and restores on --resume, so a resumed run draws the same samples.
 
 Unscorable completions (the reward returned None) are dropped before the loss and counted.
