@@ -1,7 +1,12 @@
-"""Load the policy (full, LoRA, or 4-bit QLoRA) and, when a loss needs one, its reference."""
+"""Load the policy (full, LoRA, or 4-bit QLoRA) and, when a loss needs one, its reference.
+
+The policy is a causal LM, or, for a loss that trains a reward model (`needs_sequence_scores`),
+the same weights as a sequence classifier with one output (a new `score` head on the backbone).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -30,13 +35,18 @@ def training_dtype(name: str) -> torch.dtype:
     return torch.float32 if name == "auto" else resolve_dtype(name)
 
 
-def _load_causal_lm(config: TrainConfig, dtype: torch.dtype, name: str | None = None):
-    """The causal LM `name` (default: config.model) with the config's dtype and quantisation."""
-    from transformers import AutoModelForCausalLM
+def _load_causal_lm(config: TrainConfig, dtype: torch.dtype, name: str | None = None, classifier: bool = False):
+    """The causal LM `name` (default: config.model) with the config's dtype and quantisation.
+
+    classifier=True: the same weights as a sequence classifier with one output (num_labels=1).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     name = name or config.model
 
     kwargs = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}
+    if classifier:
+        kwargs["num_labels"] = 1
     if config.load_in_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -45,10 +55,16 @@ def _load_causal_lm(config: TrainConfig, dtype: torch.dtype, name: str | None = 
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
+            # the new score head is trained in full precision, never quantised
+            llm_int8_skip_modules=["score"] if classifier else None,
         )
     location = resolve_model(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        if classifier:
+            with expect_new_score_head():
+                model = AutoModelForSequenceClassification.from_pretrained(location, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except OSError as error:
         raise ConfigError(f"cannot load model '{name}': {str(error).splitlines()[0]}") from None
     if config.load_in_4bit:
@@ -79,7 +95,30 @@ def keep_4bit_layers_unpacked(model) -> int:
     return len(layers)
 
 
-def _lora_config(config: TrainConfig):
+@contextlib.contextmanager
+def expect_new_score_head():
+    """Loading a causal LM's checkpoint as a sequence classifier: the new `score` head is missing
+    from it and its `lm_head` is unused, both by design, so transformers' load report about them is
+    noise. The class attributes that silence it are put back afterwards (as TRL's RewardTrainer does)."""
+    from transformers.modeling_layers import GenericForSequenceClassification as Generic
+
+    added = {"_keys_to_ignore_on_load_missing": r"^score\.weight$", "_keys_to_ignore_on_load_unexpected": r"^lm_head\."}
+    saved = {name: Generic.__dict__[name] for name in added if name in Generic.__dict__}
+    for name, pattern in added.items():
+        setattr(Generic, name, [*(getattr(Generic, name, None) or []), pattern])
+    try:
+        yield
+    finally:
+        for name in added:
+            if name in saved:
+                setattr(Generic, name, saved[name])
+            else:
+                delattr(Generic, name)
+
+
+def _lora_config(config: TrainConfig, task_type: str = "CAUSAL_LM"):
+    """task_type SEQ_CLS (a reward model): peft adds the `score` head to modules_to_save, so the
+    new head is trained in full beside the adapters and saved with them."""
     from peft import LoraConfig
 
     targets = config.lora_target_modules
@@ -88,15 +127,23 @@ def _lora_config(config: TrainConfig):
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
 
 
-def load_policy(config: TrainConfig):
-    """(model, tokenizer). With LoRA the model is a PEFT model whose base weights are frozen."""
+def load_policy(config: TrainConfig, sequence_classifier: bool = False):
+    """(model, tokenizer). With LoRA the model is a PEFT model whose base weights are frozen.
+
+    sequence_classifier=True (a loss with `needs_sequence_scores`): the model is loaded as a sequence
+    classifier with one output and `config.pad_token_id` set (its forward refuses batches without
+    one). prefopt pools each row itself, at its last real token by the attention mask, so pad == eos
+    is safe here (transformers' own pooling skips a closing EOS then: TRL #937, transformers #35352).
+    """
     dtype = training_dtype(config.dtype)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
-    model = _load_causal_lm(config, dtype)
+    model = _load_causal_lm(config, dtype, classifier=sequence_classifier)
+    if sequence_classifier:
+        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
     if config.lora:
         from peft import get_peft_model, prepare_model_for_kbit_training
@@ -107,7 +154,7 @@ def load_policy(config: TrainConfig):
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             if config.load_in_4bit:
                 model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
-            model = get_peft_model(model, _lora_config(config))
+            model = get_peft_model(model, _lora_config(config, "SEQ_CLS" if sequence_classifier else "CAUSAL_LM"))
     if config.lean_activations:
         from prefopt.lean import make_lean
 

@@ -346,7 +346,9 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
     from prefopt.trainer import DictCollator, ListDataset, PreferenceTrainer
 
     precision = prec.resolve_precision(config, _device_type())  # config errors before the model loads
-    model, tokenizer = load_policy(config)
+    # A loss that trains a reward model gets a sequence classifier (num_labels=1), scored one row per sequence.
+    classifier = spec.needs_sequence_scores
+    model, tokenizer = load_policy(config, sequence_classifier=classifier)
     optimizer = prec.choose_optimizer(config.optimizer, model)
     print(f"prefopt: precision: {precision.describe()}; optimizer {optimizer}")
     train_items = _tokenize(train_examples, tokenizer, config, spec, "train")
@@ -354,9 +356,10 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
     for item in eval_items:  # one index space for both splits: it keys the reference cache
         item.index += len(train_items)
     probe = torch.tensor([tokenizer("probe")["input_ids"][:4] or [tokenizer.eos_token_id]])
-    use_logits = not head_matches_model(model, probe.to(next(model.parameters()).device))
-    # Pairs share their prompt; so do KTO's examples and their mismatched (KL) completions.
-    layout_shares = spec.paired or spec.needs_kl_pairs or spec.needs_rollouts
+    use_logits = not classifier and not head_matches_model(model, probe.to(next(model.parameters()).device))
+    # Pairs share their prompt; so do KTO's examples and their mismatched (KL) completions. A classifier
+    # pools one score per row, so it needs one row per sequence.
+    layout_shares = (spec.paired or spec.needs_kl_pairs or spec.needs_rollouts) and not classifier
     share_prefix = config.share_prefix and layout_shares and _shared_prefix_works(model, tokenizer, use_logits)
     if config.share_prefix and layout_shares and not share_prefix:
         print("prefopt: this model does not take a custom 4-D attention mask; prompts are not shared")

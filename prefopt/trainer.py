@@ -4,8 +4,8 @@ transformers gives the loop, gradient accumulation, schedulers, mixed precision,
 checkpoints and exact resume, logging integrations and multi-GPU through accelerate.
 This class adds one thing: `batch_loss`, which computes exactly what the loss declares
 it needs (reference log-probs, token-level KL, mismatched pairs; for policy-gradient losses
-the rollouts, and PPO's value head trained beside the policy) and nothing else. It never
-looks at the loss's name.
+the rollouts, and PPO's value head trained beside the policy; for a reward model, one score
+per sequence from a sequence classifier) and nothing else. It never looks at the loss's name.
 """
 
 from __future__ import annotations
@@ -69,6 +69,46 @@ class PreferenceArguments(TrainingArguments):
         return math.ceil(num_training_steps * self.warmup_ratio)
 
 
+def score_head(model) -> torch.nn.Module:
+    """The `score` head of a (possibly PEFT- or DDP-wrapped) sequence classifier."""
+    inner = getattr(model, "module", model)  # DDP / DataParallel
+    if hasattr(inner, "get_base_model"):  # PEFT: the head is a ModulesToSaveWrapper around the trained copy
+        inner = inner.get_base_model()
+    head = getattr(inner, "score", None)
+    if not isinstance(head, torch.nn.Module):
+        raise PrefoptError(
+            f"{type(inner).__name__} has no `score` head: a reward-model loss needs a "
+            "...ForSequenceClassification model whose head is called `score` (Llama, Qwen, Mistral, GPT-2, ...)"
+        )
+    return head
+
+
+def sequence_scores(model, batch: SequenceBatch) -> torch.Tensor:
+    """(rows,) a sequence classifier's score of each row, read at the row's last real token.
+
+    The model runs its own forward (so DDP/PEFT wrappers see a normal call); its `score` head is
+    applied at every position there, and that output is taken from a hook and pooled at the
+    rightmost position the attention mask keeps. The model's own pooled logits are not used: they
+    sit at the last token that is not `pad_token_id`, which skips the closing EOS when pad == eos
+    (TRL #937, transformers #35352). The `reward_model` reward reads the same position.
+    """
+    mask = batch.attention_mask
+    if mask.dim() != 2 or batch.position_ids is not None:
+        raise PrefoptError(
+            "a sequence classifier scores one sequence per row: the shared-prefix layout cannot serve it"
+        )
+    outputs = []
+    hook = score_head(model).register_forward_hook(lambda module, args, output: outputs.append(output))
+    try:
+        model(input_ids=batch.input_ids, attention_mask=mask, use_cache=False)
+    finally:
+        hook.remove()
+    per_position = outputs[-1][..., 0]  # (S, T): num_labels == 1
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (positions * (mask != 0)).argmax(dim=1)  # the rightmost real token (right or left padding)
+    return per_position[torch.arange(len(last), device=last.device), last].float()
+
+
 class NonFiniteError(PrefoptError):
     """A loss or gradient became NaN/inf; the message names the step and the examples."""
 
@@ -118,6 +158,8 @@ class PreferenceTrainer(TrainerHooks):
     def batch_loss(self, model, batch: SequenceBatch):
         """(loss, metrics) for one batch, computing only what the loss declared it needs."""
         spec = self.spec
+        if spec.needs_sequence_scores:  # a reward model: one score per sequence, no log-probs
+            return self.score_loss(model, batch)
         ref_logps = ref_states = ref_head = None
         if spec.needs_reference:
             ref_logps, ref_states, ref_head = self.reference(model, batch, keep_states=spec.needs_token_kl)
@@ -148,6 +190,19 @@ class PreferenceTrainer(TrainerHooks):
             per_token = detached / lengths.detach().clamp(min=1)
             metrics["policy/prefers_chosen"] = float((per_token[c] > per_token[r]).float().mean())
         return out.loss, metrics
+
+    def score_loss(self, model, batch: SequenceBatch):
+        """(loss, metrics) for a loss that trains a sequence classifier on the batch's rows."""
+        scores = sequence_scores(model, batch)
+        lengths = torch.zeros(batch.num_rows, device=scores.device).index_add(
+            0, batch.predict_row, torch.ones(len(batch.predict_row), device=scores.device)
+        )
+        c, r = batch.chosen_rows, batch.rejected_rows
+        inputs = LossInputs(
+            chosen_scores=scores[c], rejected_scores=scores[r], chosen_lengths=lengths[c], rejected_lengths=lengths[r]
+        )
+        out = self.loss_fn(inputs, **self.loss_args)
+        return out.loss, {name: float(value) for name, value in out.metrics.items()}
 
     def describe_examples(self, indices: list[int]) -> str:
         items = self.train_dataset.items

@@ -28,10 +28,13 @@ class LossInputs:
     The chosen (desirable) side has length Bc, the rejected (undesirable) side Br.
     Paired losses require Bc == Br (row i of each side is one pair); unpaired losses
     such as KTO accept any Bc, Br >= 0.
+
+    The policy log-probs are None only for losses that declare `needs_sequence_scores`: their
+    model is a sequence classifier (a reward model), which has scores and no log-probs.
     """
 
-    policy_chosen_logps: torch.Tensor
-    policy_rejected_logps: torch.Tensor
+    policy_chosen_logps: torch.Tensor | None = None
+    policy_rejected_logps: torch.Tensor | None = None
     chosen_lengths: torch.Tensor | None = None
     rejected_lengths: torch.Tensor | None = None
     reference_chosen_logps: torch.Tensor | None = None
@@ -55,6 +58,10 @@ class LossInputs:
     token_values: torch.Tensor | None = None  # (K,) PPO: the critic's value before each token
     old_token_values: torch.Tensor | None = None  # (K,) the values at sampling; None: one update per batch
     max_completion_length: int | None = None  # the sampler's max_new_tokens (Dr.GRPO's constant normaliser)
+    # Reward-model losses (needs_sequence_scores): a sequence classifier's scalar score of each whole
+    # sequence (prompt + completion), read at its last real token.
+    chosen_scores: torch.Tensor | None = None  # (Bc,)
+    rejected_scores: torch.Tensor | None = None  # (Br,)
 
     def at_least_float32(self) -> LossInputs:
         """Half-precision fields are upcast: sigmoid/log terms lose too much in 16 bits.

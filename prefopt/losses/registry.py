@@ -42,6 +42,9 @@ class LossSpec:
     needs_rollouts: bool = False
     needs_greedy_baseline: bool = False  # baseline_rewards: one greedy completion per prompt, scored (ReMax)
     needs_value_model: bool = False  # token_values from a critic trained with the policy (PPO)
+    # Reward models: the trained model is a sequence classifier (num_labels=1) and the loss gets
+    # chosen_scores / rejected_scores, one scalar per sequence, instead of log-probs.
+    needs_sequence_scores: bool = False
     description: str = ""
 
     @property
@@ -55,6 +58,7 @@ class LossSpec:
             "rollouts": self.needs_rollouts,
             "greedy_baseline": self.needs_greedy_baseline,
             "value_model": self.needs_value_model,
+            "sequence_scores": self.needs_sequence_scores,
         }
         return [name for name, wanted in flags.items() if wanted]
 
@@ -98,6 +102,7 @@ def register_loss(
     needs_rollouts: bool = False,
     needs_greedy_baseline: bool = False,
     needs_value_model: bool = False,
+    needs_sequence_scores: bool = False,
     checks: Mapping[str, Check] | None = None,
     description: str | None = None,
     replace: bool = False,
@@ -111,6 +116,21 @@ def register_loss(
         if name in _REGISTRY and not replace:
             raise LossError(f"a loss named '{name}' is already registered (pass replace=True)")
         hyperparameters = _keyword_defaults(fn)
+        if needs_sequence_scores:  # a sequence classifier has no log-probs to serve these with
+            others = {
+                "needs_reference": needs_reference,
+                "needs_token_kl": needs_token_kl,
+                "needs_kl_pairs": needs_kl_pairs,
+                "needs_rollouts": needs_rollouts,
+                "needs_greedy_baseline": needs_greedy_baseline,
+                "needs_value_model": needs_value_model,
+            }
+            clash = [flag for flag, wanted in others.items() if wanted]
+            if clash:
+                raise TypeError(
+                    f"loss '{name}': needs_sequence_scores (a reward model) cannot be combined with "
+                    f"{', '.join(clash)}; pass {', '.join(f'{flag}=False' for flag in clash)}"
+                )
         unknown_checks = set(checks or {}) - set(hyperparameters)
         if unknown_checks:
             raise TypeError(f"checks for unknown hyperparameters of '{name}': {unknown_checks}")
@@ -128,6 +148,7 @@ def register_loss(
             needs_rollouts=needs_rollouts,
             needs_greedy_baseline=needs_greedy_baseline,
             needs_value_model=needs_value_model,
+            needs_sequence_scores=needs_sequence_scores,
             description=description or (doc.splitlines()[0] if doc else ""),
         )
         return fn
@@ -176,6 +197,7 @@ _REQUIRED_FIELDS = {
     "needs_rollouts": ("token_logps", "token_rows", "rewards", "groups"),
     "needs_greedy_baseline": ("baseline_rewards",),
     "needs_value_model": ("token_values",),
+    "needs_sequence_scores": ("chosen_scores", "rejected_scores"),
 }
 
 
@@ -187,16 +209,26 @@ def _check_inputs(spec: LossSpec, inputs: LossInputs) -> None:
                 raise LossError(f"loss '{spec.name}' needs {', '.join(missing)}")
     if spec.needs_rollouts and spec.needs_reference and inputs.reference_token_logps is None:
         raise LossError(f"loss '{spec.name}' needs reference_token_logps")
+    # Each side's size is set by the policy's log-probs or, for a sequence classifier, its scores.
+    sizes = {}
     for side in ("chosen", "rejected"):
-        size = inputs.policy_chosen_logps.shape if side == "chosen" else inputs.policy_rejected_logps.shape
-        for prefix, suffix in (("reference_", "_logps"), ("", "_lengths"), ("", "_kl")):
+        name = f"{side}_scores" if spec.needs_sequence_scores else f"policy_{side}_logps"
+        if getattr(inputs, name) is None:
+            raise LossError(f"loss '{spec.name}' needs {name}")
+        size = sizes[side] = getattr(inputs, name).shape
+        for prefix, suffix in (
+            ("policy_", "_logps"),
+            ("reference_", "_logps"),
+            ("", "_lengths"),
+            ("", "_kl"),
+            ("", "_scores"),
+        ):
             other = getattr(inputs, f"{prefix}{side}{suffix}")
             if other is not None and other.shape != size:
                 raise LossError(
-                    f"loss '{spec.name}': {prefix}{side}{suffix} has shape {tuple(other.shape)}, "
-                    f"policy_{side}_logps has {tuple(size)}"
+                    f"loss '{spec.name}': {prefix}{side}{suffix} has shape {tuple(other.shape)}, {name} has {tuple(size)}"
                 )
-    n_chosen, n_rejected = len(inputs.policy_chosen_logps), len(inputs.policy_rejected_logps)
+    n_chosen, n_rejected = sizes["chosen"][0], sizes["rejected"][0]
     if spec.paired and n_chosen != n_rejected:
         raise LossError(
             f"loss '{spec.name}' is paired: it needs as many chosen as rejected examples "

@@ -13,6 +13,9 @@ So we run the backbone and apply the score head ourselves.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from prefopt.rewards.registry import RewardError, register_reward
@@ -54,27 +57,57 @@ def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         model.config.pad_token_id = pad_id
 
 
-@register_reward("reward_model")
-class RewardModel:
-    """A local AutoModelForSequenceClassification folder (num_labels=1): its score at the last token."""
+class _OneScoreClassifier:
+    """AutoModelForSequenceClassification with num_labels=1, for a LoRA reward model's base: the base
+    is a causal LM, whose config says nothing of the head the adapter brings (peft's modules_to_save)."""
 
-    def __init__(self, path: str, batch_size: int = 8, max_length: int = 1024, dtype: str = "auto"):
+    @staticmethod
+    def from_pretrained(location, **kwargs):
         from transformers import AutoModelForSequenceClassification
 
-        from prefopt.data.tokenize import PreferenceTokenizer
-        from prefopt.inference import load_for_inference, model_config
+        from prefopt.model import expect_new_score_head
 
-        config = model_config(path)
-        architectures = config.architectures or []
-        if not any(name.endswith("ForSequenceClassification") for name in architectures):
+        with expect_new_score_head():  # the base has no score head: the adapter's replaces it
+            return AutoModelForSequenceClassification.from_pretrained(location, num_labels=1, **kwargs)
+
+
+def _check_classifier(path: str):
+    """The auto class that loads `path` as a reward model, or a RewardError saying what it is instead."""
+    from transformers import AutoModelForSequenceClassification
+
+    from prefopt.inference import is_adapter, model_config
+
+    if is_adapter(path):  # a LoRA run's final/: adapter + score head over the base model
+        task = json.loads((Path(path) / "adapter_config.json").read_text()).get("task_type")
+        if task != "SEQ_CLS":
             raise RewardError(
-                f"reward_model: {path} is not a sequence classifier (architectures: "
-                f"{', '.join(architectures) or 'none'}); give a ...ForSequenceClassification folder, "
-                "e.g. the final/ of a run with --loss bradley_terry"
+                f"reward_model: {path} is a LoRA adapter for {task or 'an unknown task'}, not a sequence "
+                "classifier (SEQ_CLS); give e.g. the final/ of a run with --loss bradley_terry"
             )
-        if config.num_labels != 1:
-            raise RewardError(f"reward_model: {path} has num_labels={config.num_labels}; a reward model has 1")
-        self.model, self.tokenizer = load_for_inference(path, AutoModelForSequenceClassification, dtype)
+        return _OneScoreClassifier
+    config = model_config(path)
+    architectures = config.architectures or []
+    if not any(name.endswith("ForSequenceClassification") for name in architectures):
+        raise RewardError(
+            f"reward_model: {path} is not a sequence classifier (architectures: "
+            f"{', '.join(architectures) or 'none'}); give a ...ForSequenceClassification folder, "
+            "e.g. the final/ of a run with --loss bradley_terry"
+        )
+    if config.num_labels != 1:
+        raise RewardError(f"reward_model: {path} has num_labels={config.num_labels}; a reward model has 1")
+    return AutoModelForSequenceClassification
+
+
+@register_reward("reward_model")
+class RewardModel:
+    """A local AutoModelForSequenceClassification folder (num_labels=1), or a LoRA reward model's
+    adapter folder (task SEQ_CLS, merged into its base): its score at the last token."""
+
+    def __init__(self, path: str, batch_size: int = 8, max_length: int = 1024, dtype: str = "auto"):
+        from prefopt.data.tokenize import PreferenceTokenizer
+        from prefopt.inference import load_for_inference
+
+        self.model, self.tokenizer = load_for_inference(path, _check_classifier(path), dtype)
         self.tokenizing = PreferenceTokenizer(self.tokenizer, max_length)
         self.batch_size, self.max_length = batch_size, max_length
         self.device = next(self.model.parameters()).device
