@@ -19,9 +19,14 @@ from prefopt.losses import (
 )
 
 REQUIRED = ["dpo", "dpop", "tdpo1", "tdpo2", "orpo", "kto"]
-# Losses of preference data; the policy-gradient ones (needs_rollouts) take sampled completions
-# and have their own contract tests in tests/online_rl/test_pg_losses.py.
-OFFLINE = [name for name in available_losses() if not get_loss_spec(name).needs_rollouts]
+# Losses of preference log-probs; the policy-gradient ones (needs_rollouts) take sampled completions
+# and have their own contract tests in tests/online_rl/test_pg_losses.py, and the reward-model ones
+# (needs_sequence_scores) take scalar scores: tests/losses/test_bradley_terry.py.
+OFFLINE = [
+    name
+    for name in available_losses()
+    if not get_loss_spec(name).needs_rollouts and not get_loss_spec(name).needs_sequence_scores
+]
 
 
 def random_inputs(n=5, dtype=torch.float64, seed=0, scale=10.0) -> LossInputs:

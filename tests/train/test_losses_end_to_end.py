@@ -42,8 +42,14 @@ def run(tmp_path, model_dir, callbacks=None, **overrides):
     return train(TrainConfig(**config), callbacks=callbacks)
 
 
-# Policy-gradient losses train on prompts with a reward: tests/online_rl/test_train_online.py::test_each_loss_trains.
-@pytest.mark.parametrize("name", [n for n in available_losses() if not get_loss_spec(n).needs_rollouts])
+# Policy-gradient losses train on prompts with a reward (tests/online_rl/test_train_online.py::test_each_loss_trains);
+# reward-model losses train a classifier (tests/losses/test_bradley_terry.py).
+LM_LOSSES = [
+    n for n in available_losses() if not get_loss_spec(n).needs_rollouts and not get_loss_spec(n).needs_sequence_scores
+]
+
+
+@pytest.mark.parametrize("name", LM_LOSSES)
 def test_every_loss_trains(name, tmp_path, tiny_model_dir):
     spec = get_loss_spec(name)
     result = run(tmp_path, tiny_model_dir, loss=name)
