@@ -279,7 +279,7 @@ def _train(config: TrainConfig, callbacks: list | None, save_final: bool, cleanu
         seconds = _fit(trainer, checkpoint, output_dir)
         if not stopper.stopped:
             # Training is done: a signal from here on is noted, not obeyed, so final/ is never half-written.
-            eval_after = trainer.evaluate() if has_eval else {}
+            eval_after = trainer.evaluate() if has_eval else {}  # the last step's, if one was scheduled
             if save_final:
                 _save_final(trainer, final_dir, is_main)
     if stopper.stopped:

@@ -152,6 +152,7 @@ class PreferenceTrainer(TrainerHooks):
         self._window_tokens = 0
         self._window_start = None
         self.train_start = None
+        self._evaluations: dict[tuple[str, int], dict] = {}  # (prefix, step) -> results
 
     # -- the loss ------------------------------------------------------------------------
 
@@ -348,7 +349,14 @@ class PreferenceTrainer(TrainerHooks):
 
     @torch.no_grad()
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
-        """Loss and metrics over a held-out set (weighted by examples), logged with the prefix."""
+        """Loss and metrics over a held-out set (weighted by examples), logged with the prefix.
+
+        Weights change only with the step, so the same evaluation asked for twice at one step
+        (transformers' scheduled one at the last step, then the run's "after training" one) is
+        computed and logged once."""
+        done = self._evaluations.get((metric_key_prefix, self.state.global_step)) if eval_dataset is None else None
+        if done is not None:
+            return dict(done)
         dataloader = self.get_eval_dataloader(eval_dataset)
         was_training = self.model.training
         self.model.eval()
@@ -367,4 +375,6 @@ class PreferenceTrainer(TrainerHooks):
             self.model.train(was_training)
         results = {f"{metric_key_prefix}_{name}": sums[name] / counts[name] for name in sums}
         self.log(dict(results))
+        if eval_dataset is None:
+            self._evaluations[(metric_key_prefix, self.state.global_step)] = dict(results)
         return results

@@ -157,3 +157,15 @@ def test_a_data_error_leaves_no_output_folder_behind(tmp_path, tiny_model_dir):
     with pytest.raises(PrefoptError, match="bad.jsonl:2: missing field 'rejected'"):
         run(tmp_path, tiny_model_dir, data=[str(bad)], output_dir=str(tmp_path / "never"))
     assert not (tmp_path / "never").exists()
+
+
+def test_an_evaluation_scheduled_at_the_last_step_is_not_repeated(tmp_path, tiny_model_dir, capsys):
+    """--eval-steps 2 in a 4-step run: evaluations at steps 2 and 4, and the one at step 4 is the
+    "after training" result (no second pass over the same weights, one console line)."""
+    result = run(tmp_path, tiny_model_dir, loss="dpo", max_steps=4, eval_steps=2, eval_fraction=0.2)
+    evals = [m["step"] for m in read_metrics(result.output_dir) if "eval_loss" in m]
+    assert evals == [2, 4]
+    assert result.eval_after["eval_loss"] == next(
+        m["eval_loss"] for m in read_metrics(result.output_dir) if m.get("step") == 4 and "eval_loss" in m
+    )
+    assert capsys.readouterr().out.count("eval @ step 4") == 1
