@@ -136,6 +136,40 @@ def resolve_precision(config: TrainConfig, device_type: str) -> Precision:
     return Precision(weights, autocast, bf16_units(device_type) if autocast == torch.bfloat16 else None)
 
 
+def precision_record(precision: Precision) -> dict:
+    """What each checkpoint keeps of the run's precision (prefopt_state.json), so --resume on
+    another machine continues with the same arithmetic."""
+    name = lambda dtype: None if dtype is None else str(dtype).removeprefix("torch.")  # noqa: E731
+    return {"weights": name(precision.weights), "autocast": name(precision.autocast)}
+
+
+def resumed_precision(config: TrainConfig, precision: Precision, record: dict | None) -> Precision:
+    """The precision a resumed run continues with: the one its checkpoint recorded.
+
+    `mixed_precision: auto` resolves by the machine's bf16 units, so a run begun on a CPU with
+    AVX512-BF16/AMX (bf16 autocast) and resumed on one without (fp32), or the other way round,
+    would silently change its arithmetic mid-run; the recorded choice wins and a line says so.
+    Weights are loaded by `dtype`; a recorded weight dtype this config does not give is an error.
+    """
+    if not record:
+        return precision
+    recorded = precision_record(precision)
+    if record.get("weights") != recorded["weights"]:
+        raise ConfigError(
+            f"this run trained with {record.get('weights')} weights; here dtype {config.dtype} gives "
+            f"{recorded['weights']}: pass --dtype {record.get('weights')} to resume it"
+        )
+    if record.get("autocast") == recorded["autocast"]:
+        return precision
+    autocast = None if record.get("autocast") is None else getattr(torch, record["autocast"])
+    print(
+        f"prefopt: precision: the run began with {record.get('autocast') or 'no'} autocast and continues "
+        f"with it (mixed_precision {config.mixed_precision} would choose {recorded['autocast'] or 'none'} on "
+        "this machine)"
+    )
+    return Precision(precision.weights, autocast, precision.units if autocast is not None else None)
+
+
 def training_flags(precision: Precision) -> dict:
     """TrainingArguments' bf16/fp16: accelerate wraps the policy's forward in autocast (and, for
     fp16 on a GPU, scales the loss); PreferenceTrainer extends the same autocast to the reference,

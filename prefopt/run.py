@@ -346,6 +346,8 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
     from prefopt.trainer import DictCollator, ListDataset, PreferenceTrainer
 
     precision = prec.resolve_precision(config, _device_type())  # config errors before the model loads
+    if config.resume:  # continue with the arithmetic the run began with, whatever this machine would pick
+        precision = prec.resumed_precision(config, precision, _recorded_state(output_dir).get("precision"))
     # A loss that trains a reward model gets a sequence classifier (num_labels=1), scored one row per sequence.
     classifier = spec.needs_sequence_scores
     model, tokenizer = load_policy(config, sequence_classifier=classifier)
@@ -410,6 +412,7 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
         group_by_length=config.group_by_length,
         skip_nonfinite=config.skip_nonfinite,
     )
+    trainer.precision_record = prec.precision_record(precision)  # kept in each checkpoint
     install_progress(trainer)
     trainer.add_callback(MetricsFile(output_dir / "metrics.jsonl"))
     trainer.add_callback(GradientGuard(trainer))
@@ -424,6 +427,15 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
     for callback in callbacks or []:
         trainer.add_callback(callback)
     return trainer, stopper
+
+
+def _recorded_state(output_dir: Path) -> dict:
+    """prefopt_state.json of the newest checkpoint ({} when there is none)."""
+    from prefopt.trainer import PREFOPT_STATE
+
+    checkpoint = _newest_checkpoint(output_dir)
+    path = checkpoint / PREFOPT_STATE if checkpoint else None
+    return json.loads(path.read_text()) if path and path.exists() else {}
 
 
 def _resume_point(config: TrainConfig, output_dir: Path, trainer, is_main: bool) -> Path | None:

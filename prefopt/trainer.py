@@ -153,6 +153,7 @@ class PreferenceTrainer(TrainerHooks):
         self._window_start = None
         self.train_start = None
         self._evaluations: dict[tuple[str, int], dict] = {}  # (prefix, step) -> results
+        self.precision_record: dict | None = None  # prefopt.precision.precision_record, set by run.py
 
     # -- the loss ------------------------------------------------------------------------
 
@@ -305,7 +306,7 @@ class PreferenceTrainer(TrainerHooks):
 
     def _write_prefopt_state(self, checkpoint: Path) -> None:
         if self.args.should_save and checkpoint.is_dir():
-            state = {"skipped_batches": self.skipped_batches}
+            state = {"skipped_batches": self.skipped_batches, "precision": self.precision_record}
             (checkpoint / PREFOPT_STATE).write_text(json.dumps(state, indent=2))
             if self.critic is not None:
                 self.critic.save(checkpoint)

@@ -250,3 +250,35 @@ def test_a_precision_change_is_refused_on_resume(tmp_path, tiny_model_dir):
     differences = config_differences(saved, changed, tmp_path)
     for name in ("dtype", "mixed_precision", "optimizer"):
         assert any(d.startswith(f"{name}:") for d in differences), differences
+
+
+@pytest.mark.parametrize("begun,resumed", [("0", "1"), ("1", "0")])
+def test_resume_on_another_cpu_keeps_the_precision_the_run_began_with(
+    begun, resumed, tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    """`mixed_precision: auto` is fp32 on a CPU without bf16 units and bf16 autocast on one with
+    them. A run begun on one and resumed on the other continues with what its checkpoint
+    recorded (prefopt_state.json), and says so."""
+    from transformers import TrainerCallback
+
+    class StopAfterOne(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = True
+
+    def config(**overrides):
+        return TrainConfig(
+            model=tiny_model_dir, data=[str(SAMPLES / "standard.jsonl")], output_dir=str(tmp_path / "run"),
+            batch_size=2, max_length=64, max_steps=2, save_steps=1, **overrides,
+        )  # fmt: skip
+
+    monkeypatch.setenv(prec.UNITS_ENV, begun)
+    first = train(config(), callbacks=[StopAfterOne()], save_final=False)
+    state = json.loads((first.output_dir / "checkpoint-1" / "prefopt_state.json").read_text())
+    expected = None if begun == "0" else "bfloat16"
+    assert state["precision"] == {"weights": "float32", "autocast": expected}
+    monkeypatch.setenv(prec.UNITS_ENV, resumed)
+    capsys.readouterr()
+    again = train(config(resume=True))
+    assert again.steps == 2
+    assert again.trainer.args.bf16 == (begun == "1")
+    assert f"began with {expected or 'no'} autocast and continues with it" in capsys.readouterr().out
