@@ -18,6 +18,15 @@ counted, and then:
 
 Pairs are written in the standard format (conversational when prompts are messages) plus
 `chosen_reward` / `rejected_reward`, so `prefopt train` reads them as they are.
+
+Sampled token ids (DESIGN §6: never re-tokenised text): when the samples file has `prompt_ids`
+and `completion_ids` (as `prefopt sample` writes them), each record also carries `prompt_ids`
+and the ids of its completions (`chosen_ids` / `rejected_ids`, or `completion_ids` for KTO and
+best-of-N data), exactly as sampled: with the closing EOS when the completion finished, without
+one when it was cut at max_new_tokens. Training uses them instead of re-tokenising the text when
+its tokenizer renders the same prompt ids (prefopt/data/tokenize.py). Older samples files
+without `prompt_ids` give text-only records. In `against` battles only the policy's side (the
+rejected answer) has ids: the reference answer is text, from a column or another model.
 """
 
 from __future__ import annotations
@@ -30,7 +39,19 @@ from prefopt.data.files import DataError, Record, read_records
 from prefopt.errors import PrefoptError
 
 SELECTIONS = ("best-worst", "best-random", "all")
-_SAMPLE_FIELDS = ("prompt", "completions", "rewards", "finished", "completion_ids")
+_SAMPLE_FIELDS = ("prompt", "prompt_ids", "completions", "rewards", "finished", "completion_ids")
+# a sample's own columns never overwrite these in the records written (a preference file used as
+# prompts brings chosen/rejected and maybe their ids along; stale ids would describe other text)
+_OUTPUT_FIELDS = (
+    "chosen",
+    "rejected",
+    "completion",
+    "label",
+    "prompt_ids",
+    "chosen_ids",
+    "rejected_ids",
+    "completion_ids",
+)
 
 
 @dataclass
@@ -42,7 +63,12 @@ class Scored:
     rewards: list[float | None] | None
     columns: dict
     where: str
-    completion_ids: list | None = None
+    completion_ids: list | None = None  # as sampled, one list per completion
+    prompt_ids: list | None = None  # the prompt as sampling rendered it
+
+    def ids(self, i: int) -> list[int] | None:
+        """Completion i's sampled ids, when the file has both them and the prompt's ids (else None: text only)."""
+        return self.completion_ids[i] if self.completion_ids is not None and self.prompt_ids is not None else None
 
 
 @dataclass
@@ -97,7 +123,23 @@ def _scored(record: Record, need_rewards: bool) -> Scored:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise DataError(f"{record.where}: reward {i} is not a number: {value!r}")
     columns = {k: v for k, v in fields.items() if k not in _SAMPLE_FIELDS}
-    return Scored(fields["prompt"], completions, rewards, columns, record.where, fields.get("completion_ids"))
+    completion_ids, prompt_ids = fields.get("completion_ids"), fields.get("prompt_ids")
+    if completion_ids is not None and (
+        not isinstance(completion_ids, list)
+        or len(completion_ids) != len(completions)
+        or not all(_token_ids(ids) for ids in completion_ids)
+    ):
+        raise DataError(
+            f"{record.where}: field 'completion_ids' must hold one list of token ids per completion "
+            f"({len(completions)})"
+        )
+    if prompt_ids is not None and not _token_ids(prompt_ids):
+        raise DataError(f"{record.where}: field 'prompt_ids' must be a list of token ids")
+    return Scored(fields["prompt"], completions, rewards, columns, record.where, completion_ids, prompt_ids)
+
+
+def _token_ids(value) -> bool:
+    return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
 
 
 def read_samples(paths, need_rewards: bool = True) -> list[Scored]:
@@ -128,8 +170,18 @@ def _reference_text(value) -> str | None:
     return None if value is None else str(value)
 
 
+def _with_ids(record: dict, sample: Scored, **ids) -> dict:
+    """Add the prompt's and the completions' sampled ids, those there are (none when the file has none)."""
+    ids = {name: value for name, value in ids.items() if value is not None}
+    if ids:
+        record["prompt_ids"] = sample.prompt_ids
+        record.update(ids)
+    return record
+
+
 def _pair(sample: Scored, chosen: int | str, rejected: int, chosen_reward: float, rejected_reward: float) -> dict:
-    record = {k: v for k, v in sample.columns.items() if k not in ("chosen", "rejected", "completion", "label")}
+    """chosen: a completion's index, or a reference answer's text (a battle: it has no sampled ids)."""
+    record = {k: v for k, v in sample.columns.items() if k not in _OUTPUT_FIELDS}
     chosen_text = chosen if isinstance(chosen, str) else sample.completions[chosen]
     record.update(
         prompt=sample.prompt,
@@ -138,7 +190,8 @@ def _pair(sample: Scored, chosen: int | str, rejected: int, chosen_reward: float
         chosen_reward=chosen_reward,
         rejected_reward=rejected_reward,
     )
-    return record
+    chosen_ids = None if isinstance(chosen, str) else sample.ids(chosen)
+    return _with_ids(record, sample, chosen_ids=chosen_ids, rejected_ids=sample.ids(rejected))
 
 
 def _scored_indices(sample: Scored, report: PairReport) -> list[int]:
@@ -198,14 +251,14 @@ def select_unpaired(samples: list[Scored], threshold: float):
 
 
 def _single(sample: Scored, i: int, label: bool) -> dict:
-    record = {k: v for k, v in sample.columns.items() if k not in ("chosen", "rejected", "completion", "label")}
+    record = {k: v for k, v in sample.columns.items() if k not in _OUTPUT_FIELDS}
     record.update(
         prompt=sample.prompt,
         completion=_answer(sample.prompt, sample.completions[i]),
         label=label,
         reward=sample.rewards[i],
     )
-    return record
+    return _with_ids(record, sample, completion_ids=sample.ids(i))
 
 
 def select_best_of_n(samples: list[Scored], threshold: float | None = None):

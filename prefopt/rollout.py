@@ -231,12 +231,18 @@ def score_samples(reward, prompts: list[PromptExample], samples: list[Samples]) 
 
 
 def sample_records(prompts: list[PromptExample], samples: list[Samples], rewards: list[list] | None) -> list[dict]:
-    """One JSON object per prompt: its extra columns, then prompt, completions, ids, finished, rewards."""
+    """One JSON object per prompt: its extra columns, then prompt, completions, ids, finished, rewards.
+
+    `prompt_ids` are the prompt's tokens as the model saw them (rendered, and cut to
+    max_prompt_length when that was set); with `completion_ids` they let training use the
+    sampled tokens themselves, after checking that its tokenizer renders the same prompt ids.
+    """
     records = []
     for i, (prompt, group) in enumerate(zip(prompts, samples, strict=True)):
         record = dict(prompt.columns)
         record.update(
             prompt=prompt.prompt,
+            prompt_ids=group.prompt_ids,
             completions=group.completions,
             completion_ids=group.completion_ids,
             finished=group.finished,

@@ -7,6 +7,11 @@ Formats (the README's "Data" section; the flow is in docs/design.md §1):
                   is their longest common prefix, cut at a safe boundary (HH-RLHF style)
   unpaired        {"prompt", "completion", "label": bool} (KTO); text or messages
 
+Sampled token ids (optional, any format but implicit; written by `prefopt pairs`): `prompt_ids`
+with `chosen_ids` / `rejected_ids` (pairs) or `completion_ids` (unpaired), the tokens as they
+were sampled. PreferenceTokenizer uses them instead of the text when its tokenizer renders the
+same prompt ids. Other extra columns are ignored.
+
 Prompt-only data (`{"prompt": str | messages, ...extra columns}`, DESIGN §6) is a fourth
 format for sampling, not for training: `load_prompts` reads it (or the prompts of any
 preference file) into PromptExample, extra columns kept for the reward functions.
@@ -15,6 +20,7 @@ preference file) into PromptExample, extra columns kept for the reward functions
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from dataclasses import dataclass, field
 
@@ -30,12 +36,19 @@ Text = str | list  # a string, or a list of messages
 _ASSISTANT_MARKER = "\n\nAssistant:"
 
 
+Ids = tuple[int, ...] | None  # sampled token ids kept with an example (a tuple: examples stay hashable)
+
+
 @dataclass(frozen=True)
 class PairExample:
     prompt: Text
     chosen: Text
     rejected: Text
     where: str
+    # the tokens as sampled (`prefopt pairs`), used when they belong to the training tokenizer
+    prompt_ids: Ids = None
+    chosen_ids: Ids = None
+    rejected_ids: Ids = None
 
     @property
     def conversational(self) -> bool:
@@ -48,6 +61,8 @@ class SingleExample:
     completion: Text
     label: bool
     where: str
+    prompt_ids: Ids = None
+    completion_ids: Ids = None
 
     @property
     def conversational(self) -> bool:
@@ -117,6 +132,19 @@ def _text_or_messages(record: Record, name: str) -> Text:
     return _messages(record, name) if isinstance(record.fields.get(name), list) else _text(record, name)
 
 
+def _ids(record: Record, name: str) -> Ids:
+    """An optional column of token ids: absent or null -> None; else a non-empty list of integers."""
+    value = record.fields.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not value:
+        raise DataError(f"{record.where}: field '{name}' must be a non-empty list of token ids")
+    for token in value:
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral) or token < 0:
+            raise DataError(f"{record.where}: field '{name}' must hold token ids (integers >= 0), got {token!r}")
+    return tuple(int(token) for token in value)
+
+
 def _label(record: Record) -> bool:
     value = _field(record, "label")
     # CSV has no booleans: accept its spellings, nothing looser (1/"yes" could be a mistake).
@@ -150,11 +178,10 @@ def _split_implicit_messages(chosen: Messages, rejected: Messages) -> tuple[Mess
 
 
 def _pair(record: Record, fmt: str) -> PairExample | None:
-    if fmt == "standard":
-        return PairExample(_text(record, "prompt"), _text(record, "chosen"), _text(record, "rejected"), record.where)
-    if fmt == "conversational":
-        prompt = _messages(record, "prompt")
-        return PairExample(prompt, _messages(record, "chosen"), _messages(record, "rejected"), record.where)
+    if fmt in ("standard", "conversational"):
+        read = _text if fmt == "standard" else _messages
+        ids = _ids(record, "prompt_ids"), _ids(record, "chosen_ids"), _ids(record, "rejected_ids")
+        return PairExample(read(record, "prompt"), read(record, "chosen"), read(record, "rejected"), record.where, *ids)
     chosen, rejected = _text_or_messages(record, "chosen"), _text_or_messages(record, "rejected")
     if isinstance(chosen, list) != isinstance(rejected, list):
         raise DataError(f"{record.where}: 'chosen' and 'rejected' must both be text or both be messages")
@@ -199,6 +226,8 @@ def normalise(records: list[Record], fmt: str | None = None) -> tuple[list, Norm
                 _text_or_messages(record, "completion"),
                 _label(record),
                 record.where,
+                _ids(record, "prompt_ids"),
+                _ids(record, "completion_ids"),
             )
             key = _key(example.prompt, example.completion, example.label)
         else:
@@ -231,8 +260,8 @@ def pairs_to_singles(pairs: list[PairExample]) -> list[SingleExample]:
     """Paired data for unpaired losses (KTO): each pair gives one desirable and one undesirable example."""
     singles = []
     for pair in pairs:
-        singles.append(SingleExample(pair.prompt, pair.chosen, True, pair.where))
-        singles.append(SingleExample(pair.prompt, pair.rejected, False, pair.where))
+        singles.append(SingleExample(pair.prompt, pair.chosen, True, pair.where, pair.prompt_ids, pair.chosen_ids))
+        singles.append(SingleExample(pair.prompt, pair.rejected, False, pair.where, pair.prompt_ids, pair.rejected_ids))
     return singles
 
 

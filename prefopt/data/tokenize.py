@@ -12,6 +12,19 @@
 - EOS ends every completion exactly once: a completion that already contains EOS (chat
   templates close the assistant turn with it) is cut right after its last EOS; otherwise
   EOS is appended.
+- Sampled ids (`prompt_ids` with `chosen_ids` / `rejected_ids` / `completion_ids`, written by
+  `prefopt pairs`; DESIGN §6) are used as they are instead of re-tokenising the decoded text,
+  which does not always give them back (non-canonical splits the model sampled, a cut
+  multi-byte character, a completion cut without EOS). They are used only when they belong to
+  this tokenizer and chat template: the stored `prompt_ids` equal the ids it renders for the
+  prompt, both cut to `max_prompt_length` when that is set (so a prompt that sampling cut to
+  the same length passes). Otherwise the text is tokenized and the example counted
+  (`ids_mismatch`). Sampled ids are used unchanged: a finished
+  completion ends with the EOS it was sampled with, a cut one (max_new_tokens) gets none
+  appended. It did not end there: an appended EOS would make DPO score a token the policy
+  never sampled, raising "stop here" on a cut chosen answer and lowering it on a cut rejected
+  one. TRL's OnlineDPOTrainer likewise scores generated ids as they are, masking only after
+  the first EOS.
 - Truncation: the prompt keeps its end (at most `max_prompt_length` tokens); completions are
   cut at the end to fit `max_length`; an example whose prompt leaves no room is dropped.
 """
@@ -61,11 +74,25 @@ class TokenizeReport:
     dropped_too_long: int = 0
     boundary_retokenized: int = 0
     template_not_prefix: int = 0
+    from_ids: int = 0  # completions taken from their stored sampled ids
+    ids_mismatch: int = 0  # examples with stored ids of another tokenizer/template: tokenized from text
     # token counts before truncation, per part ("prompt", "chosen", "rejected" or "completion")
     lengths: dict[str, list[int]] = field(default_factory=dict)
 
     def note_length(self, part: str, n: int) -> None:
         self.lengths.setdefault(part, []).append(n)
+
+    def ids_note(self) -> str | None:
+        """One line on stored sampled ids, when the data had any; None otherwise."""
+        if not self.from_ids and not self.ids_mismatch:
+            return None
+        text = f"{self.from_ids} completions used their sampled token ids"
+        if self.ids_mismatch:
+            text += (
+                f"; {self.ids_mismatch} examples carried ids of another tokenizer or chat template "
+                "(prompt_ids differ) and were tokenized from their text"
+            )
+        return text
 
 
 class PreferenceTokenizer:
@@ -121,6 +148,24 @@ class PreferenceTokenizer:
                 ids = self._ids(full_text[len(prompt_text) :], special=False)
         return self._end_with_one_eos(ids)
 
+    def _own_ids(self, stored_prompt, prompt_ids: list[int], *stored_completions) -> bool:
+        """Whether an example's stored completion ids can be used: it has some, and its stored
+        prompt ids are what this tokenizer renders, compared as training uses them (their last
+        `max_prompt_length` tokens when that is set). An example whose ids fail is counted."""
+        if all(ids is None for ids in stored_completions):
+            return False
+        stored, cut = list(stored_prompt or ()), self.max_prompt_length
+        if stored and (stored[-cut:] == prompt_ids[-cut:] if cut else stored == prompt_ids):
+            return True
+        self.report.ids_mismatch += 1
+        return False
+
+    def _completion(self, prompt: Text, prompt_text: str, prompt_ids: list[int], text: Text, stored, own: bool):
+        if own and stored is not None:
+            self.report.from_ids += 1
+            return list(stored)  # as sampled: EOS only if the completion ended with one
+        return self.completion_ids(prompt, prompt_text, prompt_ids, text)
+
     def _end_with_one_eos(self, ids: list[int]) -> list[int]:
         if self.eos_id in ids:
             last = len(ids) - 1 - ids[::-1].index(self.eos_id)
@@ -148,8 +193,11 @@ class PreferenceTokenizer:
     def pair(self, example: PairExample, index: int) -> TokenizedPair | None:
         self.report.examples += 1
         prompt_ids, prompt_text = self.prompt_ids(example.prompt)
-        chosen = self.completion_ids(example.prompt, prompt_text, prompt_ids, example.chosen)
-        rejected = self.completion_ids(example.prompt, prompt_text, prompt_ids, example.rejected)
+        own = self._own_ids(example.prompt_ids, prompt_ids, example.chosen_ids, example.rejected_ids)
+        chosen = self._completion(example.prompt, prompt_text, prompt_ids, example.chosen, example.chosen_ids, own)
+        rejected = self._completion(
+            example.prompt, prompt_text, prompt_ids, example.rejected, example.rejected_ids, own
+        )
         for part, ids in (("prompt", prompt_ids), ("chosen", chosen), ("rejected", rejected)):
             self.report.note_length(part, len(ids))
         fitted = self._fit(prompt_ids, [chosen, rejected])
@@ -158,20 +206,28 @@ class PreferenceTokenizer:
     def single(self, example: SingleExample, index: int) -> TokenizedSingle | None:
         self.report.examples += 1
         prompt_ids, prompt_text = self.prompt_ids(example.prompt)
-        completion = self.completion_ids(example.prompt, prompt_text, prompt_ids, example.completion)
+        own = self._own_ids(example.prompt_ids, prompt_ids, example.completion_ids)
+        completion = self._completion(
+            example.prompt, prompt_text, prompt_ids, example.completion, example.completion_ids, own
+        )
         self.report.note_length("prompt", len(prompt_ids))
         self.report.note_length("completion", len(completion))
         fitted = self._fit(prompt_ids, [completion])
         return None if fitted is None else TokenizedSingle(fitted[0], fitted[1][0], example.label, index, example.where)
 
-    def all(self, examples: list) -> list:
-        """Tokenize every example; dropped ones are counted in the report, not returned."""
+    def all(self, examples: list, log=print) -> list:
+        """Tokenize every example; dropped ones are counted in the report, not returned.
+
+        When the examples carried sampled ids, one line says how many were used (`log`)."""
         out = []
         for index, example in enumerate(examples):
             tokenized = self.pair(example, index) if isinstance(example, PairExample) else self.single(example, index)
             if tokenized is not None:
                 tokenized.index = len(out)
                 out.append(tokenized)
+        note = self.report.ids_note()
+        if note and log:
+            log(f"prefopt: data: {note}")
         if not out:
             raise DataError(
                 f"no example fits max_length={self.max_length}"
