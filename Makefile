@@ -32,6 +32,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m prefopt.bench
 	$(PY) -m prefopt.bench_sample
+	$(PY) -m prefopt.bench_grpo
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
