@@ -101,6 +101,9 @@ class TrainConfig:
     batch_size: int = _help("examples (pairs) per device per micro-batch", default=4)
     grad_accum: int = _help("micro-batches per optimizer step", default=1)
     learning_rate: float = _help("peak learning rate", default=1e-6)
+    value_learning_rate: float | None = _help(
+        "peak learning rate of PPO's value head (a fresh Linear); default: learning_rate", default=None
+    )
     lr_scheduler: str = _help("transformers scheduler name (linear, cosine, constant, ...)", default="linear")
     warmup_ratio: float = _help("fraction of steps of linear warm-up", default=0.0)
     weight_decay: float = _help("AdamW weight decay", default=0.0)
@@ -155,6 +158,7 @@ OPTIMIZERS = ("auto", "adamw", "adamw_kahan")
 # Ranges, checked after the type: (test, what the value must be).
 _RANGES: dict[str, tuple] = {
     "learning_rate": (lambda v: v > 0, "> 0"),
+    "value_learning_rate": (lambda v: v > 0, "> 0"),
     "warmup_ratio": (lambda v: 0 <= v <= 1, "between 0 and 1"),
     "weight_decay": (lambda v: v >= 0, ">= 0"),
     "max_grad_norm": (lambda v: v >= 0, ">= 0 (0: no clipping)"),

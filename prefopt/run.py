@@ -407,6 +407,7 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
         reference=reference,
         rollouts=rollouts,
         critic=critic,
+        value_learning_rate=config.value_learning_rate,
         chunk_size=config.chunk_size,
         use_logits=use_logits,
         group_by_length=config.group_by_length,

@@ -126,6 +126,7 @@ class PreferenceTrainer(TrainerHooks):
         reference=None,
         rollouts=None,
         critic=None,
+        value_learning_rate: float | None = None,
         chunk_size: int = 1024,
         use_logits: bool = False,
         group_by_length: bool = False,
@@ -139,6 +140,7 @@ class PreferenceTrainer(TrainerHooks):
         self.reference = reference
         self.rollouts = rollouts  # prefopt.online.step.Rollouts when the loss declares needs_rollouts
         self.critic = critic  # prefopt.online.critic.ValueHead when the loss declares needs_value_model
+        self.value_learning_rate = value_learning_rate  # its peak lr (None: the policy's)
         self.chunk_size = chunk_size
         self.use_logits = use_logits
         self.group_by_length = group_by_length
@@ -264,7 +266,10 @@ class PreferenceTrainer(TrainerHooks):
         if self.critic is not None and not any(
             p is q for group in optimizer.param_groups for p in group["params"] for q in self.critic.parameters()
         ):
-            optimizer.add_param_group({"params": list(self.critic.parameters()), "weight_decay": 0.0})
+            group = {"params": list(self.critic.parameters()), "weight_decay": 0.0}
+            if self.value_learning_rate is not None:  # a fresh head may need larger steps than the policy
+                group["lr"] = self.value_learning_rate
+            optimizer.add_param_group(group)
         return optimizer
 
     # -- checkpoints -------------------------------------------------------------------------

@@ -151,8 +151,13 @@ def test_ppo_trains_actor_and_critic_and_resumes_exactly(setup, tmp_path):
 
 def test_ppo_with_lora_uses_the_adapter_off_reference(setup, tmp_path):
     """With LoRA the reference is the policy with its adapter off (no copy); the critic's head trains
-    beside the adapter."""
-    result = train(ppo_config(setup, tmp_path / "lora", lora=True, max_steps=2, save_steps=1000))
+    beside the adapter, at value_learning_rate when one is given."""
+    result = train(
+        ppo_config(setup, tmp_path / "lora", lora=True, max_steps=2, save_steps=1000, value_learning_rate=0.5)
+    )
     assert result.reference == "adapter"
+    groups = result.trainer.optimizer.param_groups  # the head is the last group, at its own peak lr
+    assert groups[-1]["initial_lr"] == 0.5 and groups[0]["initial_lr"] == 1e-2
+    assert {id(p) for p in groups[-1]["params"]} == {id(p) for p in result.trainer.critic.parameters()}
     assert (result.final_dir / VALUE_HEAD_FILE).is_file()
     assert len(logged(result.output_dir)) == 2
