@@ -79,6 +79,7 @@ def _worker(args) -> dict:
         batch_size=args.batch_size,
         max_steps=args.steps,
         learning_rate=args.learning_rate,
+        value_learning_rate=args.value_learning_rate,  # PPO's value head (the other losses have none)
         lr_scheduler="constant",
         logging_steps=1,
         save_steps=10_000,
@@ -105,21 +106,9 @@ def _worker(args) -> dict:
 
 
 def _options(args) -> list[str]:
-    return [
-        f"--{name.replace('_', '-')}={getattr(args, name)}"
-        for name in (
-            "model",
-            "prompts",
-            "held_out",
-            "steps",
-            "num_generations",
-            "max_new_tokens",
-            "batch_size",
-            "learning_rate",
-            "seed",
-            "output_dir",
-        )
-    ]
+    names = ("model", "prompts", "held_out", "steps", "num_generations", "max_new_tokens", "batch_size")
+    names += ("learning_rate", "value_learning_rate", "seed", "output_dir")
+    return [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in names if getattr(args, name) is not None]
 
 
 def format_table(base: dict, results: list[dict], args) -> str:
@@ -151,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--learning-rate", type=float, default=1e-5)
+    parser.add_argument("--value-learning-rate", type=float, default=None, help="PPO's value head")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="runs/bench_online")
     parser.add_argument("--json", default=None, help="also write the results here")

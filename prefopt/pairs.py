@@ -76,6 +76,7 @@ class PairReport:
     prompts: int = 0
     completions: int = 0
     unscorable: int = 0
+    empty: int = 0  # blank completions (training drops them): never chosen, rejected or written
     ties: int = 0  # prompts (or battles) where rewards were equal: no pair
     below_margin: int = 0
     written: int = 0
@@ -87,7 +88,9 @@ class PairReport:
     def summary(self, what: str = "pairs") -> str:
         text = (
             f"{self.written} {what} from {self.prompts} prompts ({self.completions} completions; "
-            f"dropped: {self.unscorable} unscorable, {self.ties} ties, {self.below_margin} below the margin)"
+            f"dropped: {self.unscorable} unscorable, {self.ties} ties, {self.below_margin} below the margin"
+            + (f", {self.empty} empty" if self.empty else "")
+            + ")"
         )
         if self.battles:
             text += f"; battles: {self.battles}, policy won {self.policy_wins}, lost {self.policy_losses}"
@@ -98,6 +101,8 @@ class PairReport:
             return "the samples file has no completions"
         if self.unscorable == self.completions:
             return f"all {self.completions} completions were unscorable (reward None)"
+        if self.unscorable + self.empty == self.completions:
+            return f"all {self.completions} completions were unscorable or empty"
         if self.battles and not self.policy_losses:
             return f"the policy won or tied all {self.battles} battles: there is nothing to learn from"
         if self.ties and not self.below_margin:
@@ -197,8 +202,10 @@ def _pair(sample: Scored, chosen: int | str, rejected: int, chosen_reward: float
 def _scored_indices(sample: Scored, report: PairReport) -> list[int]:
     report.prompts += 1
     report.completions += len(sample.completions)
-    kept = [i for i, r in enumerate(sample.rewards) if r is not None]
-    report.unscorable += len(sample.completions) - len(kept)
+    scored = [i for i, r in enumerate(sample.rewards) if r is not None]
+    report.unscorable += len(sample.completions) - len(scored)
+    kept = [i for i in scored if sample.completions[i].strip()]  # an empty answer is no training example
+    report.empty += len(scored) - len(kept)
     return kept
 
 

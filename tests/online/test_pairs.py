@@ -176,3 +176,20 @@ def test_bad_samples_files_and_empty_results_are_one_line_errors(tmp_path, capsy
     assert "no 'rewards': sample with --reward NAME, or give pairs a --reward" in capsys.readouterr().err
     assert main(["pairs", "--samples", ties, "--output", out, "--unpaired"]) == 2
     assert "--unpaired needs --threshold" in capsys.readouterr().err
+
+
+def test_empty_completions_are_dropped_and_counted(tmp_path):
+    """A blank answer (the model ended at once) is never written: training drops blank completions, and
+    for KTO data it would stop the run ("field 'completion' is empty"). Here the worst answer of Q1 is
+    blank, so best-worst pairs the best with the next worst instead; the KTO file trains as it is."""
+    samples = [Scored("Q1", ["a", "  ", "b"], [1.0, -5.0, 0.0], {}, "s:1")]
+    records, report = select_pairs(samples)
+    assert [(r["chosen"], r["rejected"]) for r in records] == [("a", "b")]
+    assert report.empty == 1 and "1 empty" in report.summary()
+    records, report = select_unpaired(samples, threshold=0.5)
+    assert [r["completion"] for r in records] == ["a", "b"] and report.empty == 1
+    path = tmp_path / "kto.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    examples, _ = load_examples([str(path)])
+    assert len(examples) == 2
+    assert "unscorable or empty" in select_pairs([Scored("Q", ["", " "], [1.0, 0.0], {}, "s:1")])[1].why_empty()
