@@ -31,8 +31,10 @@ class ValueHead(torch.nn.Module):
         torch.nn.init.zeros_(self.summary.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(K, width) states -> (K,) float32 values (the head runs in fp32 whatever the backbone's dtype)."""
-        return self.summary(hidden.float()).squeeze(-1)
+        """(K, width) states -> (K,) float32 values: the head runs in fp32 whatever the backbone's dtype,
+        also under mixed precision's autocast (which would otherwise run this Linear in bf16)."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.summary(hidden.float()).squeeze(-1)
 
     def save(self, folder: Path) -> None:
         from safetensors.torch import save_file

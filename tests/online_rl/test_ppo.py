@@ -100,6 +100,19 @@ def test_ppo_declares_a_value_model_and_needs_values():
         get_loss("ppo")(ppo_inputs(t(-1.0), t(-1.0), [0], [1.0], t(0.0)), lam=1.5)
 
 
+def test_value_head_starts_at_zero_and_stays_float32_under_autocast():
+    from prefopt.online.critic import ValueHead
+
+    head = ValueHead(8)
+    hidden = torch.randn(3, 8, dtype=torch.bfloat16)
+    assert torch.equal(head(hidden), torch.zeros(3))
+    torch.nn.init.normal_(head.summary.weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values = head(hidden)
+    assert values.dtype == torch.float32
+    assert torch.allclose(values, hidden.float() @ head.summary.weight[0] + head.summary.bias, atol=1e-6)
+
+
 # -- the trainer serves the critic --------------------------------------------------------------
 
 
