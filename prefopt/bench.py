@@ -15,7 +15,7 @@ the same tokens; each worker runs one epoch over steps x 4 pairs with the same s
 rows use a seeded random sample of pairs that fit 256 (mixed lengths), with and without packing.
 
 Reported: median step time (first step excluded: warm-up), tokens/s (all tokens of the pairs
-over the summed step times), peak RSS of the worker process (ru_maxrss), and ratios to TRL.
+over the summed step times), peak RSS of the worker process (VmHWM), and ratios to TRL.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -66,7 +65,9 @@ class StepTimer:
 
 
 def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+    from prefopt.memory import peak_memory
+
+    return peak_memory(cuda=False)[0] / 1024**3
 
 
 def _worker_prefopt(args) -> dict:

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -89,22 +88,6 @@ def timed(timer: StepTimer, fn):
             timer.generation += time.perf_counter() - started
 
     return wrapper
-
-
-def peak_memory(cuda: bool) -> tuple[int, str]:
-    """(bytes, what they are): CUDA max allocated, else this process's own peak RSS."""
-    if cuda:
-        import torch
-
-        return torch.cuda.max_memory_allocated(), "cuda max_memory_allocated"
-    try:  # VmHWM belongs to this process's address space; ru_maxrss also counts the parent's peak at exec
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024, "peak RSS (VmHWM)"
-    except OSError:
-        pass
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "peak RSS (ru_maxrss)"
 
 
 def _worker_prefopt(args, timer: StepTimer) -> dict:
@@ -227,6 +210,8 @@ def _worker_trl(args, timer: StepTimer) -> dict:
 def run_worker(args) -> dict:
     """One method's measurement, in this process (main() runs each in a fresh one)."""
     import torch
+
+    from prefopt.memory import peak_memory
 
     cuda = torch.cuda.is_available()
     timer = StepTimer(cuda)

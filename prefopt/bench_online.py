@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -28,9 +27,9 @@ LOSSES = ("grpo", "rloo", "remax", "reinforce_pp", "ppo")
 def _peak_memory_mb() -> float:
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    from prefopt.memory import peak_memory
+
+    return peak_memory(torch.cuda.is_available())[0] / 2**20
 
 
 def _held_out_rewards(model_path: str, prompts: list, max_new_tokens: int) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -64,7 +63,9 @@ def _worker(args) -> dict:
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from prefopt.memory import peak_memory
+
+    peak = peak_memory(cuda)[0]
     prompt_tokens = sum(map(len, rows))
     return {
         "method": args.method,

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import resource
+import sys
+from pathlib import Path
 
 import torch
 
@@ -78,3 +81,20 @@ def trim_every_layers(model: torch.nn.Module, every: int = 10) -> TrimMemory | N
     if trim is None or not layers:
         return None
     return TrimMemory(layers, trim, every)
+
+
+def peak_memory(cuda: bool) -> tuple[int, str]:
+    """(bytes, what they are): CUDA max allocated, else this process's own peak RSS, for the benches.
+
+    VmHWM (/proc/self/status) is this process's own high-water mark; ru_maxrss of a worker started
+    by a large parent begins at the parent's peak (Linux carries it across exec)."""
+    if cuda:
+        return torch.cuda.max_memory_allocated(), "cuda max_memory_allocated"
+    try:  # VmHWM belongs to this process's address space; ru_maxrss also counts the parent's peak at exec
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024, "peak RSS (VmHWM)"
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "peak RSS (ru_maxrss)"
