@@ -7,20 +7,11 @@ import json
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from prefopt.cli_online import _make_reward
+    from prefopt.cli_online import _make_reward, sample_settings
     from prefopt.evaluate import evaluate, format_result
-    from prefopt.rollout import SampleSettings
 
     reward = _make_reward(args)  # loaded before the models, so a bad reward fails in seconds
-    settings = SampleSettings(
-        num_samples=args.num_samples,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        max_prompt_length=args.max_prompt_length,
-    )
+    settings = sample_settings(args)
     result = evaluate(
         args.model,
         reference=args.reference,

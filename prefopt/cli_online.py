@@ -48,6 +48,24 @@ def _add_reward_options(parser: argparse.ArgumentParser, required: bool = False)
     )
 
 
+def sample_settings(args: argparse.Namespace):
+    """SampleSettings from the sampling flags `sample` and `eval` share (`top_k` and
+    `--no-shared-prefill` only `sample` has: off and shared when a command lacks them)."""
+    from prefopt.rollout import SampleSettings
+
+    return SampleSettings(
+        num_samples=args.num_samples,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=getattr(args, "top_k", 0),
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_prompt_length=args.max_prompt_length,
+        shared_prefill=not getattr(args, "no_shared_prefill", False),
+    )
+
+
 def _make_reward(args: argparse.Namespace):
     """The configured reward (loaded before any sampling, so a bad one fails in seconds), or None."""
     _import_reward_modules(args)
@@ -61,19 +79,9 @@ def _make_reward(args: argparse.Namespace):
 def _cmd_sample(args: argparse.Namespace) -> int:
     from prefopt.data.formats import load_prompts
     from prefopt.inference import load_for_inference
-    from prefopt.rollout import SampleSettings, SampleStats, sample_prompts, sample_records, score_samples, write_jsonl
+    from prefopt.rollout import SampleStats, sample_prompts, sample_records, score_samples, write_jsonl
 
-    settings = SampleSettings(
-        num_samples=args.num_samples,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        max_prompt_length=args.max_prompt_length,
-        shared_prefill=not args.no_shared_prefill,
-    )
+    settings = sample_settings(args)
     if Path(args.output).exists() and not args.overwrite:
         raise PrefoptError(f"{args.output} exists; choose another --output or pass --overwrite")
     prompts, report = load_prompts(args.prompts)

@@ -283,6 +283,7 @@ def evaluate(
     from prefopt.data import load_examples
     from prefopt.data.formats import load_prompts
     from prefopt.inference import load_for_inference
+    from prefopt.quiet_logs import quiet_loading_bars
     from prefopt.rollout import SampleSettings
 
     if not data and not prompts:
@@ -293,7 +294,7 @@ def evaluate(
     loss_name, loss_fn, loss_args, beta = _loss_for(models.run_config, loss, beta)
     examples = load_examples(data)[0][:limit] if data else []  # bad data fails before any model loads
     prompt_examples = load_prompts(prompts)[0][:limit] if prompts else []
-    with _quiet_loading_bars():
+    with quiet_loading_bars():
         policy_model, tokenizer = load_for_inference(models.model, dtype=dtype)
         reference_model, _ = load_for_inference(models.reference, dtype=dtype)
     if policy_model.get_output_embeddings().weight.shape != reference_model.get_output_embeddings().weight.shape:
@@ -309,12 +310,6 @@ def evaluate(
         generation = generation_metrics(policy_model, reference_model, tokenizer, prompt_examples, reward, settings)
         result["generation"] = generation
     return result
-
-
-def _quiet_loading_bars():
-    from prefopt.run import _quiet_loading_bars as quiet
-
-    return quiet()
 
 
 def _prompt_text(prompt) -> str:

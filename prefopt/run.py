@@ -22,17 +22,14 @@ from prefopt.config import ConfigError, TrainConfig
 from prefopt.data import (
     PreferenceCollator,
     PreferenceTokenizer,
-    SingleExample,
-    attach_mismatched_completions,
-    load_examples,
-    pairs_to_singles,
-    split_held_out,
 )
 from prefopt.errors import PrefoptError
 from prefopt.hub import cache_root
 from prefopt.losses import LossSpec, get_loss, get_loss_spec
 from prefopt.plugins import import_loss_module
-from prefopt.run_guard import RunStart, begin_run, quiet_tied_weight_warnings
+from prefopt.quiet_logs import quiet_loading_bars, quiet_tied_weight_warnings
+from prefopt.run_guard import RunStart, begin_run
+from prefopt.run_inputs import choose_reference, prepare_examples, tokenize_examples
 from prefopt.summary import build_summary, print_summary
 
 
@@ -48,90 +45,6 @@ class TrainResult:
     summary: dict = field(default_factory=dict)
     trainer: object = field(default=None, repr=False)  # the PreferenceTrainer, for notebooks and tests
     interrupted: str | None = None  # the signal that stopped the run early, if any
-
-
-def choose_reference(spec: LossSpec, config: TrainConfig) -> str:
-    """The reference mode that serves this loss: from its declared needs and the config."""
-    mode = config.reference
-    if not spec.needs_reference:
-        return "none"
-    if mode == "none":
-        raise ConfigError(f"loss '{spec.name}' needs a reference model; reference=none cannot serve it")
-    if mode == "auto":
-        return "adapter" if config.lora and not config.reference_model else "copy"
-    if mode == "adapter" and not config.lora:
-        raise ConfigError("reference=adapter needs --lora (the reference is the model with its adapter disabled)")
-    if mode == "adapter" and config.reference_model:
-        raise ConfigError(
-            "reference=adapter is the policy's own base with its adapter disabled, not --reference-model; "
-            "use reference=copy or reference=cached with --reference-model"
-        )
-    if mode == "cached" and spec.needs_rollouts:
-        raise ConfigError(
-            f"reference=cached cannot serve loss '{spec.name}': it scores completions sampled during training, "
-            "which no cache holds; use reference=copy or reference=adapter"
-        )
-    if mode == "cached" and spec.needs_token_kl:
-        raise ConfigError(
-            f"reference=cached cannot serve loss '{spec.name}': it needs the token-level KL over the full "
-            "vocabulary at every step, which needs the reference's distributions, not cached log-probs; "
-            "use reference=copy or reference=adapter"
-        )
-    return mode
-
-
-def _prepare_examples(config: TrainConfig, spec: LossSpec):
-    if spec.needs_rollouts:  # policy-gradient losses sample their own completions of each prompt
-        return _prepare_prompts(config, spec)
-    train_examples, report = load_examples(config.data, config.format)
-    for warning in report.warnings:
-        print(f"prefopt: data: {warning}")
-    eval_examples = []
-    if config.eval_data:
-        eval_examples, _ = load_examples(config.eval_data, config.format)
-    elif config.eval_fraction > 0:
-        train_examples, eval_examples = split_held_out(train_examples, config.eval_fraction, config.seed)
-    unpaired = isinstance(train_examples[0], SingleExample)
-    if spec.paired and unpaired:
-        raise PrefoptError(
-            f"loss '{spec.name}' needs paired data (prompt/chosen/rejected); {', '.join(config.data)} is unpaired"
-        )
-    if not spec.paired and not unpaired:
-        train_examples, eval_examples = pairs_to_singles(train_examples), pairs_to_singles(eval_examples)
-    return train_examples, eval_examples, report
-
-
-def _prepare_prompts(config: TrainConfig, spec: LossSpec):
-    from prefopt.data.formats import load_prompts
-
-    if config.eval_data or config.eval_fraction:
-        raise ConfigError(
-            f"loss '{spec.name}' trains on sampled completions; held-out evaluation during training is not "
-            "implemented for it: score the final model with `prefopt eval --prompts FILE --reward NAME`"
-        )
-    if not config.reward:
-        raise ConfigError(
-            f"loss '{spec.name}' samples completions and needs a reward to score them: pass --reward NAME"
-        )
-    prompts, report = load_prompts(config.data, config.format)
-    return prompts, [], report
-
-
-def _tokenize(examples: list, tokenizer, config: TrainConfig, spec: LossSpec, label: str) -> list:
-    if spec.needs_rollouts:
-        from prefopt.online.step import tokenize_prompts
-
-        return tokenize_prompts(examples, tokenizer, config.max_prompt_length)
-    tokenizing = PreferenceTokenizer(tokenizer, config.max_length, config.max_prompt_length)
-    items = tokenizing.all(examples)
-    rep = tokenizing.report
-    if rep.truncated or rep.dropped_too_long:
-        print(
-            f"prefopt: {label}: {rep.truncated} truncated, {rep.dropped_too_long} dropped (max_length {config.max_length})"
-        )
-    if spec.needs_kl_pairs:
-        attach_mismatched_completions(items, config.max_length)
-    return items
 
 
 def _device_type() -> str:
@@ -235,24 +148,8 @@ def train(config: TrainConfig, callbacks: list | None = None, save_final: bool =
     `interrupted` set. Signal handlers are restored however the run ends.
     """
     with contextlib.ExitStack() as cleanup:  # releases the output folder's lock however the run ends
-        cleanup.enter_context(_quiet_loading_bars())
+        cleanup.enter_context(quiet_loading_bars())
         return _train(config, callbacks, save_final, cleanup)
-
-
-@contextlib.contextmanager
-def _quiet_loading_bars():
-    """No 'Loading weights' / 'Writing model shards' bars during a run: they tell a user nothing
-    to act on. The training bar stays (transformers draws it with tqdm directly, not through
-    this switch). The switch is global, so it is put back as it was."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _train(config: TrainConfig, callbacks: list | None, save_final: bool, cleanup: contextlib.ExitStack) -> TrainResult:
@@ -262,7 +159,7 @@ def _train(config: TrainConfig, callbacks: list | None, save_final: bool, cleanu
     reference_mode = choose_reference(spec, config)
     set_seed(config.seed)
     # Data errors are reported before the output folder is touched, so fixing them needs no --overwrite.
-    train_examples, eval_examples, _ = _prepare_examples(config, spec)
+    train_examples, eval_examples, _ = prepare_examples(config, spec)
     start, is_main = _claim_output_dir(config)
     cleanup.enter_context(start.lock)
     output_dir = start.output_dir
@@ -353,8 +250,8 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
     model, tokenizer = load_policy(config, sequence_classifier=classifier)
     optimizer = prec.choose_optimizer(config.optimizer, model)
     print(f"prefopt: precision: {precision.describe()}; optimizer {optimizer}")
-    train_items = _tokenize(train_examples, tokenizer, config, spec, "train")
-    eval_items = _tokenize(eval_examples, tokenizer, config, spec, "eval") if eval_examples else []
+    train_items = tokenize_examples(train_examples, tokenizer, config, spec, "train")
+    eval_items = tokenize_examples(eval_examples, tokenizer, config, spec, "eval") if eval_examples else []
     for item in eval_items:  # one index space for both splits: it keys the reference cache
         item.index += len(train_items)
     probe = torch.tensor([tokenizer("probe")["input_ids"][:4] or [tokenizer.eos_token_id]])

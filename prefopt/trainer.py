@@ -263,9 +263,8 @@ class PreferenceTrainer(TrainerHooks):
         """transformers' optimizer over the policy, plus the critic's value head as its own group
         (no weight decay), so the schedule, the optimizer state and its checkpoint cover both."""
         optimizer = super().create_optimizer(model)
-        if self.critic is not None and not any(
-            p is q for group in optimizer.param_groups for p in group["params"] for q in self.critic.parameters()
-        ):
+        critic = {id(p) for p in self.critic.parameters()} if self.critic is not None else set()
+        if critic and not any(id(p) in critic for group in optimizer.param_groups for p in group["params"]):
             group = {"params": list(self.critic.parameters()), "weight_decay": 0.0}
             if self.value_learning_rate is not None:  # a fresh head may need larger steps than the policy
                 group["lr"] = self.value_learning_rate

@@ -18,7 +18,8 @@ from prefopt.cli import main
 from prefopt.config import ConfigError, TrainConfig, build_config, load_yaml
 from prefopt.errors import PrefoptError
 from prefopt.outputs import MARKER, prepare_output_dir
-from prefopt.run_guard import RunFolderError, RunLock, TiedKeysFilter
+from prefopt.quiet_logs import TiedKeysFilter
+from prefopt.run_guard import RunFolderError, RunLock
 
 from .conftest import SAMPLES, read_metrics, train_argv
 
