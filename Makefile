@@ -27,12 +27,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check prefopt tests
 
 demo: $(STAMP)
-	$(PY) -m prefopt.demo
+	$(PY) -m prefopt.bench.demo
 
 bench: $(STAMP)
-	$(PY) -m prefopt.bench
-	$(PY) -m prefopt.bench_sample
-	$(PY) -m prefopt.bench_grpo
+	$(PY) -m prefopt.bench.dpo
+	$(PY) -m prefopt.bench.sample
+	$(PY) -m prefopt.bench.grpo
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -16,7 +16,7 @@ def _not_the_kernels_note(record: logging.LogRecord) -> bool:
 # transformers' Trainer imports peft, and peft imports bitsandbytes unconditionally, so every run
 # imports bitsandbytes, which on AVX512-BF16 CPUs logs that the optional `kernels` package is
 # missing. That kernel only serves bitsandbytes' packed CPU layout, which prefopt turns off
-# (prefopt.model.keep_4bit_layers_unpacked): nothing to act on, so only that line is dropped.
+# (prefopt.models.loading.keep_4bit_layers_unpacked): nothing to act on, so only that line is dropped.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_kernels_note)
 
 __all__ = ["TrainConfig", "TrainResult", "train", "__version__"]
@@ -29,7 +29,7 @@ def __getattr__(name):
 
         return TrainConfig
     if name in ("train", "TrainResult"):
-        from prefopt import run
+        from prefopt.training import run
 
         return getattr(run, name)
     raise AttributeError(f"module 'prefopt' has no attribute {name!r}")

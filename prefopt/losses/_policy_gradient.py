@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from prefopt.losses._advantages import equal_groups, group_mean_std, kl_penalty
 from prefopt.losses.base import LossInputs, LossOutput
 from prefopt.losses.checks import half_open, non_negative, one_of, optional
-from prefopt.online.advantages import equal_groups, group_mean_std, kl_penalty
 
 NORMALISATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
 

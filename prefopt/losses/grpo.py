@@ -6,9 +6,9 @@ An online loss: each step samples G completions per prompt and scores them with 
 
 from prefopt.losses import _policy_gradient as pg
 from prefopt.losses import checks
+from prefopt.losses._advantages import grpo_advantages
 from prefopt.losses.base import LossInputs, LossOutput
 from prefopt.losses.registry import register_loss
-from prefopt.online.advantages import grpo_advantages
 
 
 @register_loss(

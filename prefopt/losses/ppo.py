@@ -16,9 +16,9 @@ import torch
 
 from prefopt.losses import _policy_gradient as pg
 from prefopt.losses import checks
+from prefopt.losses._advantages import explained_variance, gae, kl_penalty, token_rewards, whiten
 from prefopt.losses.base import LossInputs, LossOutput
 from prefopt.losses.registry import register_loss
-from prefopt.online.advantages import explained_variance, gae, kl_penalty, token_rewards, whiten
 
 
 @register_loss(

@@ -4,9 +4,9 @@ whitened over the batch; no critic, no group baseline.
 
 from prefopt.losses import _policy_gradient as pg
 from prefopt.losses import checks
+from prefopt.losses._advantages import reinforce_pp_advantages
 from prefopt.losses.base import LossInputs, LossOutput
 from prefopt.losses.registry import register_loss
-from prefopt.online.advantages import reinforce_pp_advantages
 
 
 @register_loss(

@@ -5,9 +5,9 @@ per prompt (`needs_greedy_baseline`); no critic, no normalisation.
 """
 
 from prefopt.losses import _policy_gradient as pg
+from prefopt.losses._advantages import remax_advantages
 from prefopt.losses.base import LossInputs, LossOutput
 from prefopt.losses.registry import register_loss
-from prefopt.online.advantages import remax_advantages
 
 
 @register_loss(

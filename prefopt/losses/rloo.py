@@ -5,9 +5,9 @@ reward of the other G - 1. The KL to the reference is part of the reward, one nu
 """
 
 from prefopt.losses import _policy_gradient as pg
+from prefopt.losses._advantages import rloo_advantages
 from prefopt.losses.base import LossInputs, LossOutput
 from prefopt.losses.registry import register_loss
-from prefopt.online.advantages import rloo_advantages
 
 
 @register_loss(

@@ -58,7 +58,7 @@ class ValueHead(torch.nn.Module):
 def value_head_for(model, use_logits: bool) -> ValueHead:
     """A fresh head sized for `model`'s completion states (hidden size; vocabulary size when the
     trainer scores from logits), on the model's device."""
-    from prefopt.logps import output_head
+    from prefopt.models.logps import output_head
 
     head = output_head(model)
     width = head.out_features if use_logits else head.in_features

@@ -1,11 +1,11 @@
 """The rollout step: what the trainer does each step for a loss that declares `needs_rollouts`.
 
 For a micro-batch of prompts: sample G completions per prompt from the current policy (the
-prompt prefilled once, its KV cache shared: prefopt.rollout), and one greedy completion when the
+prompt prefilled once, its KV cache shared: prefopt.models.rollout), and one greedy completion when the
 loss declares `needs_greedy_baseline` (ReMax); score them with the reward; lay the G completions
 of a prompt out in one sequence after it (the shared-prefix layout with G branches,
 prefopt.data.collate.shared_prefix_batch) or one row each; take the policy's (and the
-reference's) log-prob of every completion token with the chunked code of prefopt.logps, and,
+reference's) log-prob of every completion token with the chunked code of prefopt.models.logps, and,
 when the loss declares `needs_value_model` (PPO), the critic's value of the state before each
 token from the same forward (prefopt.online.critic); hand all of it to the loss as LossInputs. Sampling uses the global torch RNG, which transformers
 saves in each checkpoint and restores on --resume, so a resumed run draws the same samples.
@@ -23,9 +23,17 @@ import torch
 
 from prefopt.data.collate import SequenceBatch, shared_prefix_batch
 from prefopt.data.formats import PromptExample
-from prefopt.logps import completion_states, completion_token_logps, output_head
 from prefopt.losses import LossInputs
-from prefopt.rollout import Samples, SampleSettings, _split, generate_batch, generation_config, left_pad, score_samples
+from prefopt.models.logps import completion_states, completion_token_logps, output_head
+from prefopt.models.rollout import (
+    Samples,
+    SampleSettings,
+    generate_batch,
+    generation_config,
+    left_pad,
+    score_samples,
+    split_completion,
+)
 
 
 @dataclass
@@ -136,7 +144,7 @@ class Rollouts:
             model.train(was_training)
         n, out = settings.num_samples, []
         for i, item in enumerate(items):
-            kept = [_split(tokens, eos, self.tokenizer.pad_token_id) for tokens in new[i * n : (i + 1) * n]]
+            kept = [split_completion(tokens, eos, self.tokenizer.pad_token_id) for tokens in new[i * n : (i + 1) * n]]
             ids = [k[0] for k in kept]
             texts = [self.tokenizer.decode(t[:-1] if f else t) for t, (_, f) in zip(ids, kept, strict=True)]
             out.append(Samples(item.prompt_ids, ids, texts, [k[1] for k in kept]))

@@ -43,7 +43,7 @@ class ImplicitReward:
     def __init__(self, run: str, beta: float | None = None, batch_size: int = 8, dtype: str = "auto"):
         from prefopt.data.collate import PreferenceCollator
         from prefopt.data.tokenize import PreferenceTokenizer
-        from prefopt.inference import is_adapter, load_for_inference
+        from prefopt.models.inference import is_adapter, load_for_inference
 
         folder = _run_folder(run)
         config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
@@ -66,7 +66,7 @@ class ImplicitReward:
         self.device = next(self.policy.parameters()).device
 
     def _logps(self, model, batch) -> torch.Tensor:
-        from prefopt.logps import score_model
+        from prefopt.models.logps import score_model
 
         (logps, _, _), _, _ = score_model(model, batch)
         return logps

@@ -37,7 +37,7 @@ class Judge:
     """A local causal LM judges completion vs the column `against`, both orders averaged: P(completion wins)."""
 
     def __init__(self, model: str, against: str = "answer", batch_size: int = 8, dtype: str = "auto"):
-        from prefopt.inference import load_for_inference
+        from prefopt.models.inference import load_for_inference
 
         self.model, self.tokenizer = load_for_inference(model, dtype=dtype)
         self.against, self.batch_size = against, batch_size
@@ -62,7 +62,7 @@ class Judge:
     @torch.no_grad()
     def first_letter_probability(self, questions: list[list[int]]) -> list[float]:
         """P("A") / (P("A") + P("B")) as the judge's next token, per question."""
-        from prefopt.logps import output_head
+        from prefopt.models.logps import output_head
         from prefopt.rewards.reward_model import pad_right
 
         out: list[float] = []

@@ -65,7 +65,7 @@ class _OneScoreClassifier:
     def from_pretrained(location, **kwargs):
         from transformers import AutoModelForSequenceClassification
 
-        from prefopt.model import expect_new_score_head
+        from prefopt.models.loading import expect_new_score_head
 
         with expect_new_score_head():  # the base has no score head: the adapter's replaces it
             return AutoModelForSequenceClassification.from_pretrained(location, num_labels=1, **kwargs)
@@ -75,7 +75,7 @@ def _check_classifier(path: str):
     """The auto class that loads `path` as a reward model, or a RewardError saying what it is instead."""
     from transformers import AutoModelForSequenceClassification
 
-    from prefopt.inference import is_adapter, model_config
+    from prefopt.models.inference import is_adapter, model_config
 
     if is_adapter(path):  # a LoRA run's final/: adapter + score head over the base model
         task = json.loads((Path(path) / "adapter_config.json").read_text()).get("task_type")
@@ -105,7 +105,7 @@ class RewardModel:
 
     def __init__(self, path: str, batch_size: int = 8, max_length: int = 1024, dtype: str = "auto"):
         from prefopt.data.tokenize import PreferenceTokenizer
-        from prefopt.inference import load_for_inference
+        from prefopt.models.inference import load_for_inference
 
         self.model, self.tokenizer = load_for_inference(path, _check_classifier(path), dtype)
         self.tokenizing = PreferenceTokenizer(self.tokenizer, max_length)

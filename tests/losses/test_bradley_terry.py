@@ -160,7 +160,7 @@ def test_pooling_reads_the_last_real_token_when_pad_is_eos():
     from transformers import LlamaForSequenceClassification
 
     from prefopt.data import PairExample, PreferenceCollator, PreferenceTokenizer
-    from prefopt.trainer import sequence_scores
+    from prefopt.training.trainer import sequence_scores
 
     tokenizer = byte_tokenizer()
     torch.manual_seed(0)
@@ -246,7 +246,7 @@ def bt_config(tmp_path, model, train_file, eval_file, **overrides) -> TrainConfi
 
 
 def test_trained_reward_model_ranks_held_out_pairs_and_loads_as_a_reward(tmp_path, tiny_model, monkeypatch):
-    from prefopt.model import load_policy
+    from prefopt.models.loading import load_policy
 
     monkeypatch.setenv("PREFOPT_CACHE", str(tmp_path / "cache"))
     train_pairs, held_out = digit_pairs(64, seed=0), digit_pairs(32, seed=1)

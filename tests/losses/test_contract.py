@@ -20,7 +20,7 @@ from prefopt.losses import (
 
 REQUIRED = ["dpo", "dpop", "tdpo1", "tdpo2", "orpo", "kto"]
 # Losses of preference log-probs; the policy-gradient ones (needs_rollouts) take sampled completions
-# and have their own contract tests in tests/online_rl/test_pg_losses.py, and the reward-model ones
+# and have their own contract tests in tests/losses/test_pg_losses.py, and the reward-model ones
 # (needs_sequence_scores) take scalar scores: tests/losses/test_bradley_terry.py.
 OFFLINE = [
     name
