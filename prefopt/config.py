@@ -280,12 +280,50 @@ def _check_values(config: TrainConfig) -> None:
         setattr(config, name, value)
 
 
+# What TRL's and transformers' configs (and habit) call a setting that prefopt names otherwise:
+# their name -> prefopt's field, and a note where the two are not the same thing.
+OTHER_NAMES: dict[str, tuple[str, str]] = {
+    "per_device_train_batch_size": ("batch_size", ""),
+    "train_batch_size": ("batch_size", ""),
+    "gradient_accumulation_steps": ("grad_accum", ""),
+    "num_train_epochs": ("num_epochs", ""),
+    "lr": ("learning_rate", ""),
+    "lr_scheduler_type": ("lr_scheduler", ""),
+    "optim": ("optimizer", ""),
+    "model_name_or_path": ("model", ""),
+    "model_name": ("model", ""),
+    "dataset_name": ("data", ""),
+    "dataset": ("data", ""),
+    "train_file": ("data", ""),
+    "eval_dataset": ("eval_data", ""),
+    "loss_type": ("loss", ""),
+    "torch_dtype": ("dtype", ""),
+    "bf16": ("mixed_precision", "with the value bf16"),
+    "fp16": ("mixed_precision", "with the value fp16"),
+    "use_peft": ("lora", ""),
+    "lora_target": ("lora_target_modules", ""),
+    "kl_coef": ("beta", ""),
+    "resume_from_checkpoint": ("resume", ""),
+    "warmup_steps": ("warmup_ratio", "a fraction of the steps"),
+    "max_completion_length": ("max_new_tokens", "online losses; offline, max_length covers prompt + completion"),
+    "num_train_steps": ("max_steps", ""),
+}
+
+
+def other_name_hint(key: str, spell=lambda name: f"'{name}'", candidates=None, n: int = 1) -> str:
+    """'; prefopt calls it ...' for a TRL/transformers name, else '; did you mean ...?' (or '')."""
+    key = key.replace("-", "_")
+    if key in OTHER_NAMES:
+        name, note = OTHER_NAMES[key]
+        return f"; prefopt calls it {spell(name)}" + (f" ({note})" if note else "")
+    close = difflib.get_close_matches(key, list(candidates or FIELDS), n=n)
+    return f"; did you mean {' or '.join(spell(c) for c in close)}?" if close else ""
+
+
 def _check_keys(keys, where: str) -> None:
     for key in keys:
         if key not in FIELDS:
-            close = difflib.get_close_matches(key, FIELDS, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"{where}: unknown key '{key}'{hint}")
+            raise ConfigError(f"{where}: unknown key '{key}'{other_name_hint(key)}")
 
 
 class YamlValues(dict):

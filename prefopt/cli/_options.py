@@ -4,6 +4,80 @@ the reward flags and the sampling settings. Imported by the command modules, nev
 from __future__ import annotations
 
 import argparse
+import difflib
+import sys
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the habits of TRL and transformers users in mind.
+
+    - No silent abbreviations: `--lr 1e-5` is not taken as `--lr-scheduler`.
+    - Every flag is accepted with underscores too (`--learning_rate` = `--learning-rate`), as
+      YAML keys are.
+    - An unknown flag gets one line naming the flag it probably is: prefopt's name for a
+      transformers/TRL setting (`--per_device_train_batch_size` -> `--batch-size`), or the closest
+      flags of the command.
+    Subcommand parsers are made by `add_subparsers`, which builds them of this class too.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        end = args.index("--") if "--" in args else len(args)
+        self.typed = {hyphenated(a): a for a in args[:end]}  # to name an unknown flag as the user wrote it
+        return super().parse_known_args([hyphenated(a) for a in args[:end]] + args[end:], namespace)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self.command_parser(parsed)
+            command.error(unknown_arguments_message([self.typed.get(e, e) for e in extras], command))
+        return parsed
+
+    def command_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        """The (sub)command parser that `parsed` came through: `prefopt data inspect` -> inspect's."""
+        parser = self
+        while True:
+            chosen = None
+            for action in parser._actions:  # argparse keeps subcommands only here
+                if isinstance(action, argparse._SubParsersAction):
+                    chosen = action.choices.get(getattr(parsed, action.dest, None) or "")
+            if chosen is None:
+                return parser
+            parser = chosen
+
+
+def hyphenated(token: str) -> str:
+    """'--learning_rate=1e-5' -> '--learning-rate=1e-5'; values and positionals are left alone."""
+    if not token.startswith("--") or token == "--":
+        return token
+    name, equals, value = token.partition("=")
+    return name.replace("_", "-") + equals + value
+
+
+def unknown_arguments_message(extras: list[str], parser: argparse.ArgumentParser) -> str:
+    from prefopt.config import OTHER_NAMES, flag
+
+    flags = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+    token = next((t for t in extras if t.startswith("-")), None)
+    if token is None:
+        return f"unexpected argument '{extras[0]}'"
+    name = token.partition("=")[0]
+    key = name.lstrip("-").replace("-", "_")
+    if key in OTHER_NAMES:
+        field, note = OTHER_NAMES[key]
+        if flag(field) in flags:
+            note = f" ({note})" if note else ""
+            return f"unknown flag {name}: prefopt calls it {flag(field)}{note}"
+    close = difflib.get_close_matches(name, flags, n=3, cutoff=0.6)
+    close += [f for f in flags if key in f[2:].replace("-", "_") and f not in close][: 3 - len(close)]
+    hint = (
+        f"; did you mean {' or '.join(close)}?" if close else f"; `prefopt {parser.prog.split()[-1]} --help` lists them"
+    )
+    return f"unknown flag {name}{hint}"
 
 
 def parse_name_value(text: str) -> tuple[str, object]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from prefopt import __version__
 from prefopt.cli import eval as evaluation_commands
 from prefopt.cli import online as online_commands
-from prefopt.cli._options import add_train_options
+from prefopt.cli._options import Parser, add_train_options
 from prefopt.data.formats import FORMATS
 from prefopt.errors import PrefoptError
 
@@ -72,7 +73,8 @@ def _leave_process_group(wait_for_others: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prefopt", description="Offline preference optimization for causal LMs.")
+    parser = Parser(prog="prefopt", description="Offline preference optimization for causal LMs.")
+    parser.add_argument("--version", action="version", version=f"prefopt {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     losses = commands.add_parser("losses", help="list registered losses, their hyperparameters and needs")
