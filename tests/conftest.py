@@ -1,5 +1,6 @@
 import os
 import sys
+from pathlib import Path
 
 # tests/helpers.py is imported as `helpers` by the tests.
 sys.path.insert(0, os.path.dirname(__file__))
@@ -22,17 +23,27 @@ def smollm2_tokenizer():
 
 @pytest.fixture(autouse=True)
 def _loss_registry_restored():
-    """A loss a test registers (its own, the README's example, a --loss-module file) ends with the test."""
+    """A loss a test registers (its own, docs/losses.md's example, a --loss-module file) ends with the test."""
     from prefopt.losses import temporary_losses
 
     with temporary_losses():
         yield
 
 
+# The models prefopt converts once (the packaged GGUF -> an HF folder) are shared by all tests:
+# they are inputs, never written by a run, and converting again per test would cost seconds each.
+SHARED_MODELS = Path(os.environ.get("PREFOPT_CACHE", Path.home() / ".cache" / "prefopt")) / "models"
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
-    """Each test gets its own prefopt cache folder (reference log-probs, converted models)."""
-    monkeypatch.setenv("PREFOPT_CACHE", str(tmp_path / "cache"))
+    """Each test gets its own prefopt cache folder (reference log-probs, run state); the converted
+    models inside it are the shared ones."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    SHARED_MODELS.mkdir(parents=True, exist_ok=True)
+    (cache / "models").symlink_to(SHARED_MODELS, target_is_directory=True)
+    monkeypatch.setenv("PREFOPT_CACHE", str(cache))
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """Detect a record format and turn records into validated, normalised examples.
 
-Formats (the README's "Data" section; the flow is in docs/design.md §1):
+Formats (docs/data.md; the flow is in docs/design.md):
   standard        {"prompt": str, "chosen": str, "rejected": str}
   conversational  the same keys holding lists of {"role", "content"} messages
   implicit        only "chosen"/"rejected" full transcripts (text or messages); the prompt

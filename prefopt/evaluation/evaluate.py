@@ -254,11 +254,20 @@ def generation_metrics(policy, reference, tokenizer, prompts: list, reward, sett
         "unscored": sum(w is None for w in wins),
         "length_policy": _mean(lengths(policy_samples)),
         "length_reference": _mean(lengths(reference_samples)),
-        "example": {
-            "prompt": prompts[0].prompt,
-            "policy": policy_samples[0].completions[0],
-            "reference": reference_samples[0].completions[0],
-        },
+        "example": _example(prompts, policy_samples, reference_samples, wins, settings.num_samples),
+    }
+
+
+def _example(prompts: list, policy_samples: list, reference_samples: list, wins: list, per_prompt: int) -> dict:
+    """One prompt's two answers, to show: the first where the policy's answer wins (so the example
+    shows what training changed), else the first prompt."""
+    won = next((i for i, w in enumerate(wins) if w == 1.0), None)
+    prompt, sample = (0, 0) if won is None else divmod(won, per_prompt)
+    return {
+        "prompt": prompts[prompt].prompt,
+        "policy": policy_samples[prompt].completions[sample],
+        "reference": reference_samples[prompt].completions[sample],
+        "policy_won": won is not None,
     }
 
 

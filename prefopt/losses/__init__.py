@@ -1,4 +1,4 @@
-"""The loss registry (public API). See docs/design.md §2 and the README's "Custom losses".
+"""The loss registry (public API). See docs/design.md and docs/losses.md, "Custom losses".
 
 from prefopt.losses import LossInputs, LossOutput, register_loss, get_loss, available_losses
 """

@@ -1,6 +1,6 @@
 """The loss contract: what a loss receives (`LossInputs`) and returns (`LossOutput`).
 
-See docs/design.md §2 and the README's "Custom losses". Every tensor is 1-D; "logps" are log-probabilities of the
+See docs/design.md and docs/losses.md, "Custom losses". Every tensor is 1-D; "logps" are log-probabilities of the
 completion tokens only, summed over those tokens.
 """
 

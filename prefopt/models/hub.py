@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -37,7 +38,8 @@ def _convert_smollm2(target: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source = _gguf_dir()
-    print(f"prefopt: converting {_GGUF_FILE} into {target} (once)", flush=True)
+    # stderr: a status note, which must not mix into a command's stdout (`data inspect --json`)
+    print(f"prefopt: converting {_GGUF_FILE} into {target} (once)", file=sys.stderr, flush=True)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_GGUF_FILE)
     gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_GGUF_FILE, dtype=torch.float32)
     config_dict = gguf_model.config.to_dict()

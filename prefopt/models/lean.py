@@ -6,7 +6,7 @@ backward. A stock Llama-style SwiGLU MLP keeps four intermediate-size tensors pe
 These replacements compute exactly the same forward (the same ops in the same order, so the
 outputs are bitwise equal) but keep only their inputs and the two matmul outputs gate and
 up; the cheap pointwise results are recomputed in backward. On SmolLM2-135M this removes
-~40% of the saved activations for a few percent more time (see the README's benchmark).
+~40% of the saved activations for a few percent more time (docs/performance.md has the benchmark).
 
 The same idea as Megatron-LM's and Liger-Kernel's fused SwiGLU/RMSNorm, in plain PyTorch.
 

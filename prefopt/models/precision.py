@@ -1,6 +1,6 @@
 """Precision: what the weights are kept in, what the matmuls run in, and how small updates survive.
 
-Three settings, three costs (the README's dtype section has the measured figures):
+Three settings, three costs (docs/training.md explains them, docs/performance.md has the measured figures):
 
 - **float32 weights, no autocast**: exact; the slowest where the hardware has bf16 units.
 - **float32 master weights + bf16 autocast** (`mixed_precision: bf16`; `auto` picks it where the

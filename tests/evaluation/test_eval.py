@@ -162,7 +162,11 @@ def test_sampled_answers_reward_and_win_rate_by_hand(two_models, tmp_path):
     wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(pol, ref, strict=True)]
     assert generation["win_rate"] == pytest.approx(sum(wins) / len(wins))
     assert generation["ties"] == wins.count(0.5)
-    assert generation["example"]["policy"] == answers["policy"][0]
+    # the example shown is the first answer the policy won (what training changed), else the first
+    shown = wins.index(1.0) if 1.0 in wins else 0
+    assert generation["example"]["policy"] == answers["policy"][shown]
+    assert generation["example"]["reference"] == answers["reference"][shown]
+    assert generation["example"]["policy_won"] == (1.0 in wins)
 
 
 def test_winning_counts_ties_as_half_and_skips_unscored():

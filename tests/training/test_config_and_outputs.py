@@ -61,7 +61,10 @@ def test_unknown_flag_exits_with_usage():
     result = subprocess.run(
         [sys.executable, "-m", "prefopt", "train", "--learning-rte", "1"], capture_output=True, text=True
     )
-    assert result.returncode == 2 and "unrecognized arguments: --learning-rte" in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "prefopt train: error: unknown flag --learning-rte; did you mean --learning-rate or --value-learning-rate or --logging-steps?"
+    )
 
 
 def test_bad_loss_argument_is_a_clean_cli_error(tmp_path, tiny_model_dir):
