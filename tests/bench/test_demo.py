@@ -23,9 +23,11 @@ def test_demo_table_shows_before_and_after(capsys):
         "logp_margin": 0.1, "loss": 0.33, "kl": 1.2,
         "generation": {"prompts": 8, "reward_reference": 0.0, "reward_policy": 0.75, "win_rate": 0.875,
                        "example": {"prompt": [{"role": "user", "content": "Capital of Peru?"}],
-                                   "reference": "Lima.", "policy": "Answer: Lima."}},
+                                   "reference": "Lima.", "policy": "Answer: Lima.", "policy_won": True}},
     }  # fmt: skip
     print_table(result)
     out = capsys.readouterr().out
-    assert "held-out question: Capital of Peru?" in out and "'Answer: Lima.'" in out
+    assert (
+        "held-out question (the first one the trained policy won): Capital of Peru?" in out and "'Answer: Lima.'" in out
+    )
     assert "0/8      6/8" in out and "0.000    0.875" in out
