@@ -19,6 +19,15 @@ def _not_the_kernels_note(record: logging.LogRecord) -> bool:
 # (prefopt.models.loading.keep_4bit_layers_unpacked): nothing to act on, so only that line is dropped.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_kernels_note)
 
+
+def _not_the_cpu_accelerator_note(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
+# transformers imports DeepSpeed whenever it is installed, and on a machine without a GPU DeepSpeed
+# warns that it picked its CPU accelerator: on every run, DeepSpeed or not. The CPU is what was asked.
+logging.getLogger("DeepSpeed").addFilter(_not_the_cpu_accelerator_note)
+
 __all__ = ["TrainConfig", "TrainResult", "train", "__version__"]
 
 

@@ -70,6 +70,11 @@ class TrainConfig:
     load_in_4bit: bool = _help("QLoRA: 4-bit NF4 base with double quantization (needs --lora)", default=False)
     gradient_checkpointing: bool = _help("recompute activations in backward to save memory", default=False)
     trust_remote_code: bool = _help("allow model code from the model folder (off: safer)", default=False)
+    disable_dropout: bool = _help(
+        "turn the model's dropout off (TRL's default): with it on, the policy scores a text differently from "
+        "its reference and from itself, and DPO does not start at ln 2. LoRA's own dropout is kept",
+        default=True,
+    )
     reference: str = _help(
         "auto | copy | adapter | cached | none: how reference log-probs are computed", default="auto"
     )

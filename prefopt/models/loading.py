@@ -116,19 +116,57 @@ def expect_new_score_head():
                 delattr(Generic, name)
 
 
-def _lora_config(config: TrainConfig, task_type: str = "CAUSAL_LM"):
+def has_fused_experts(model: torch.nn.Module) -> bool:
+    """Mixture-of-experts layers whose experts are one 3-D parameter (transformers 5's Qwen3-MoE,
+    Mixtral, ...), which peft's LoRA wraps as parameters (`lora.ParamWrapper`), not as Linear layers."""
+    return any(p.dim() == 3 for p in model.parameters())
+
+
+def _lora_config(config: TrainConfig, task_type: str = "CAUSAL_LM", model=None):
     """task_type SEQ_CLS (a reward model): peft adds the `score` head to modules_to_save, so the
-    new head is trained in full beside the adapters and saved with them."""
+    new head is trained in full beside the adapters and saved with them.
+
+    On a model with fused experts the adapters' dropout is 0: peft cannot apply dropout to the
+    input of a wrapped parameter (it refuses: "lora.ParamWrapper does not work with lora_dropout
+    != 0"), and one dropout for some adapters and none for others would be a quiet surprise."""
     from peft import LoraConfig
 
     targets = config.lora_target_modules
+    dropout = config.lora_dropout
+    if dropout and model is not None and has_fused_experts(model):
+        print(
+            f"prefopt: lora_dropout 0 (not {dropout}): this model's experts are fused weights, "
+            "and peft's LoRA on them has no dropout"
+        )
+        dropout = 0.0
     return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
+        lora_dropout=dropout,
         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
         task_type=task_type,
     )
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Set every dropout of `model` to 0; returns how many were on.
+
+    As TRL's `disable_dropout_in_model` (every `nn.Dropout` to p = 0), and also the rates that
+    modules keep as plain floats and pass to `F.dropout` or to attention (Llama's and OPT's
+    `attention_dropout`, OPT's `dropout` and `activation_dropout`). The model's config is left as
+    it was, so a saved model keeps its own settings. Called before LoRA wraps the model, so the
+    adapters' `lora_dropout` is the user's.
+    """
+    turned_off = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            module.p = 0.0
+            turned_off += 1
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float) and value > 0:
+                setattr(module, name, 0.0)
+                turned_off += 1
+    return turned_off
 
 
 def load_policy(config: TrainConfig, sequence_classifier: bool = False):
@@ -145,6 +183,8 @@ def load_policy(config: TrainConfig, sequence_classifier: bool = False):
     if sequence_classifier:
         model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
+    if config.disable_dropout:
+        disable_dropout(model)
     if config.lora:
         from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -154,7 +194,8 @@ def load_policy(config: TrainConfig, sequence_classifier: bool = False):
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             if config.load_in_4bit:
                 model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
-            model = get_peft_model(model, _lora_config(config, "SEQ_CLS" if sequence_classifier else "CAUSAL_LM"))
+            task = "SEQ_CLS" if sequence_classifier else "CAUSAL_LM"
+            model = get_peft_model(model, _lora_config(config, task, model))
     if config.lean_activations:
         from prefopt.models.lean import make_lean
 
@@ -166,6 +207,8 @@ def load_reference_copy(config: TrainConfig):
     """A frozen copy of the reference: `reference_model`, else the policy's starting weights
     (4-bit too when the policy is)."""
     model = _load_causal_lm(config, training_dtype(config.dtype), config.reference_model)
+    if config.disable_dropout:  # eval mode turns nn.Dropout off; a float rate read without `training` stays
+        disable_dropout(model)
     model.eval()
     model.requires_grad_(False)
     return model

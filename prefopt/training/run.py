@@ -87,6 +87,14 @@ def _training_arguments(config: TrainConfig, has_eval: bool, precision=None):
     )
 
 
+def _longest_row(config, spec, items: list) -> int:
+    """How far positions run in one branch of a row: the token budget offline; a rollout's
+    prompt (as tokenized) plus its completion budget online."""
+    if spec.needs_rollouts:
+        return max((len(item.prompt_ids) for item in items), default=0) + config.max_new_tokens
+    return config.max_length
+
+
 def _shared_prefix_works(model, tokenizer, use_logits: bool) -> bool:
     """Does this model honour a custom 4-D mask and position ids? Compare both layouts on one pair."""
     from prefopt.data import PairExample
@@ -239,7 +247,7 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
     """Load the policy, tokenize, pick the batch layout and reference; the trainer with its callbacks."""
     from prefopt.models import precision as prec
     from prefopt.models.loading import load_policy
-    from prefopt.models.logps import head_matches_model
+    from prefopt.models.logps import head_matches_model, shared_layout_is_exact
     from prefopt.training.callbacks import GradientGuard, MetricsFile, StopOnSignal, install_progress
     from prefopt.training.trainer import DictCollator, ListDataset, PreferenceTrainer
 
@@ -260,9 +268,15 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
     # Pairs share their prompt; so do KTO's examples and their mismatched (KL) completions. A classifier
     # pools one score per row, so it needs one row per sequence.
     layout_shares = (spec.paired or spec.needs_kl_pairs or spec.needs_rollouts) and not classifier
-    share_prefix = config.share_prefix and layout_shares and _shared_prefix_works(model, tokenizer, use_logits)
-    if config.share_prefix and layout_shares and not share_prefix:
-        print("prefopt: this model does not take a custom 4-D attention mask; prompts are not shared")
+    share_prefix = config.share_prefix and layout_shares
+    if share_prefix:
+        exact, why_not = shared_layout_is_exact(model, _longest_row(config, spec, train_items + eval_items))
+        if not exact:
+            share_prefix = False
+            print(f"prefopt: prompts are not shared: {why_not}, which a shared layout's mask cannot hold")
+        elif not _shared_prefix_works(model, tokenizer, use_logits):
+            share_prefix = False
+            print("prefopt: this model does not take a custom 4-D attention mask; prompts are not shared")
     collator = PreferenceCollator(
         tokenizer.pad_token_id, with_kl_pairs=spec.needs_kl_pairs, share_prefix=share_prefix, pack=config.pack
     )
