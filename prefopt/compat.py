@@ -18,6 +18,8 @@ from transformers.trainer_pt_utils import LengthGroupedSampler  # noqa: F401  (r
 def attention_implementation(model) -> str:
     """The model's attention backend ('sdpa', 'eager', ...). Why private: transformers exposes the
     choice only as `config._attn_implementation`; we need it to pick the 4-D mask's dtype."""
+    while getattr(model, "config", None) is None and hasattr(model, "module"):  # DDP, a DeepSpeed engine
+        model = model.module
     config = getattr(model, "config", None)
     return getattr(config, "_attn_implementation", None) or "sdpa"
 

@@ -8,6 +8,7 @@ speed. The tokenizer comes from the folder when it has one (runs save theirs), e
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -17,7 +18,13 @@ from prefopt.models.hub import load_tokenizer, resolve_model
 
 
 def inference_device(device: str | None = None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """`device`, else this process's own accelerator: under torchrun/accelerate each process uses
+    the GPU of its local rank (a reward model or judge on GPU 0 for every rank would crowd it)."""
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def inference_dtype(name: str = "auto") -> torch.dtype:

@@ -89,14 +89,20 @@ def _use_stock(x: torch.Tensor) -> bool:
 # not `super(type(self), self)`: once the lean class is subclassed again (FSDP2's `fully_shard`
 # swaps every sharded module to an `FSDP<name>` subclass) `type(self)` is that subclass, its
 # super() is the lean class, and the call would recurse forever.
+def _sharded(*weights) -> bool:
+    """A weight a sharding engine holds in pieces (ZeRO-3, FSDP2): the lean functions read weights
+    directly (SwiGLU its child projections', outside their calls), so such modules run stock."""
+    return any(hasattr(w, "ds_id") or type(w).__name__ == "DTensor" for w in weights)
+
+
 def _lean_rmsnorm_forward(self, hidden_states):
-    if _use_stock(hidden_states):
+    if _use_stock(hidden_states) or _sharded(self.weight):
         return self._prefopt_stock.forward(self, hidden_states)
     return _RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
 
 
 def _lean_swiglu_forward(self, x):
-    if _use_stock(x):
+    if _use_stock(x) or _sharded(self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight):
         return self._prefopt_stock.forward(self, x)
     return _SwiGLUFunction.apply(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
 

@@ -58,6 +58,12 @@ def _load_causal_lm(config: TrainConfig, dtype: torch.dtype, name: str | None = 
             # the new score head is trained in full precision, never quantised
             llm_int8_skip_modules=["score"] if classifier else None,
         )
+    if config.load_in_4bit and torch.cuda.is_available():
+        # bitsandbytes quantises while loading onto the device and its layers cannot move after, so
+        # each process loads onto its own GPU (without a map every rank would fill GPU 0)
+        from prefopt.models.inference import inference_device
+
+        kwargs["device_map"] = {"": inference_device()}
     location = resolve_model(name)
     try:
         if classifier:

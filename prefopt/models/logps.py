@@ -325,8 +325,18 @@ class _LinearHeadLogpsKL(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
+def weight_is_whole(weight: torch.Tensor) -> bool:
+    """False for a parameter that a sharding engine keeps in pieces between module calls: a
+    DeepSpeed ZeRO-3 parameter (outside its module's call it is a `[0]`-shaped placeholder with
+    `ds_id`) or an FSDP2 DTensor. Such a weight may only be used by calling its module."""
+    return not hasattr(weight, "ds_id") and type(weight).__name__ != "DTensor" and weight.numel() > 0
+
+
 def _plain_linear(head: torch.nn.Module) -> bool:
-    return type(head) is torch.nn.Linear and head.bias is None
+    """A bias-free Linear whose weight the fused functions may read directly. A sharded weight
+    takes the checkpointed path instead, which calls the head module chunk by chunk (in forward
+    and again in backward), so the engine gathers the weight for each call (DESIGN §7)."""
+    return type(head) is torch.nn.Linear and head.bias is None and weight_is_whole(head.weight)
 
 
 def score_completions(

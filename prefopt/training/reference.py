@@ -32,6 +32,19 @@ class ModelReference:
         self.chunk_size = chunk_size
         self.use_logits = use_logits
 
+    def prepare(self, trainer) -> None:
+        """Put the frozen copy where the policy trains (DESIGN §7): under DeepSpeed its own
+        inference engine (ZeRO-3: sharded like the policy), else this process's device. A 4-bit
+        copy was placed when it loaded (bitsandbytes' layers cannot move)."""
+        if self.model is None:
+            return
+        if trainer.is_deepspeed_enabled:
+            from prefopt.training.sharding import deepspeed_inference_engine
+
+            self.model = deepspeed_inference_engine(self.model, trainer.accelerator)
+        elif not getattr(self.model, "is_loaded_in_4bit", False):
+            self.model.to(trainer.args.device)
+
     @contextlib.contextmanager
     def _model(self, policy):
         """The reference model, in eval mode (no dropout), adapter off where that is the reference."""

@@ -31,6 +31,7 @@ from prefopt.plugins import import_loss_module
 from prefopt.training.guard import RunStart, begin_run
 from prefopt.training.inputs import choose_reference, prepare_examples, tokenize_examples
 from prefopt.training.report import write_run_report
+from prefopt.training.sharding import sharding_summary
 from prefopt.training.summary import build_summary, print_summary
 
 
@@ -158,6 +159,10 @@ def train(config: TrainConfig, callbacks: list | None = None, save_final: bool =
     """
     with contextlib.ExitStack() as cleanup:  # releases the output folder's lock however the run ends
         cleanup.enter_context(quiet_loading_bars())
+        if int(os.environ.get("RANK", "0")) != 0:
+            # Several processes (torchrun, accelerate): the start-up and summary lines come from the
+            # main process once, not N times. Errors go to stderr, which every process keeps.
+            cleanup.enter_context(contextlib.redirect_stdout(cleanup.enter_context(open(os.devnull, "w"))))
         return _train(config, callbacks, save_final, cleanup)
 
 
@@ -194,6 +199,9 @@ def _train(config: TrainConfig, callbacks: list | None, save_final: bool, cleanu
         print(f"prefopt: {stopper.received} received after the last step; the run finished and saved final/ first")
     last = next((entry for entry in reversed(trainer.state.log_history) if "loss" in entry), {})
     summary = build_summary(trainer, last, seconds, reference_mode, eval_before, eval_after)
+    sharding = sharding_summary(trainer)
+    if sharding:
+        summary["sharding"] = sharding
     if is_main:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         write_run_report(output_dir)  # report.png; never fails a run

@@ -27,7 +27,7 @@ from prefopt.compat import LengthGroupedSampler, TrainerHooks
 from prefopt.data.collate import PreferenceCollator, SequenceBatch
 from prefopt.errors import PrefoptError
 from prefopt.losses import LossInputs
-from prefopt.models.logps import score_model
+from prefopt.models.logps import score_model, weight_is_whole
 from prefopt.online.critic import VALUE_HEAD_FILE
 
 # Written into each checkpoint: prefopt's own state that transformers does not keep.
@@ -134,6 +134,11 @@ class PreferenceTrainer(TrainerHooks):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        prepare = getattr(reference, "prepare", None)
+        if prepare is not None:  # a frozen copy goes where the policy trains (device, DeepSpeed engine)
+            prepare(self)
+        if critic is not None:  # built on the loaded model's device, before transformers moved the model
+            critic.to(self.args.device)
         self.loss_fn = loss_fn
         self.spec = loss_fn.spec
         self.loss_args = loss_args
@@ -169,6 +174,14 @@ class PreferenceTrainer(TrainerHooks):
             ref_logps, ref_states, ref_head = self.reference(model, batch, keep_states=spec.needs_token_kl)
         (logps, lengths, kl), _, _ = score_model(model, batch, self.use_logits, self.chunk_size, ref_head, ref_states)
         c, r, k = batch.chosen_rows, batch.rejected_rows, batch.kl_rows
+        policy_kl = reference_kl = None
+        if spec.needs_kl_pairs:
+            policy_kl, reference_kl = logps[k], ref_logps[k]
+            if self.args.world_size > 1:
+                # KTO's reference point is a statistic of the batch, without gradient (Eq. 8: z is
+                # detached): over the whole batch of all processes, as one process with their
+                # examples would compute it (TRL gathers it too), not over this process's share.
+                policy_kl, reference_kl = self.across_processes(policy_kl.detach()), self.across_processes(reference_kl)
         inputs = LossInputs(
             policy_chosen_logps=logps[c],
             policy_rejected_logps=logps[r],
@@ -178,8 +191,8 @@ class PreferenceTrainer(TrainerHooks):
             reference_rejected_logps=ref_logps[r] if ref_logps is not None else None,
             chosen_kl=kl[c] if kl is not None else None,
             rejected_kl=kl[r] if kl is not None else None,
-            policy_kl_logps=logps[k] if spec.needs_kl_pairs else None,
-            reference_kl_logps=ref_logps[k] if spec.needs_kl_pairs else None,
+            policy_kl_logps=policy_kl,
+            reference_kl_logps=reference_kl,
         )
         out = self.loss_fn(inputs, **self.loss_args)
         metrics = {name: float(value) for name, value in out.metrics.items()}
@@ -207,6 +220,19 @@ class PreferenceTrainer(TrainerHooks):
         )
         out = self.loss_fn(inputs, **self.loss_args)
         return out.loss, {name: float(value) for name, value in out.metrics.items()}
+
+    def across_processes(self, values: torch.Tensor) -> torch.Tensor:
+        """The 1-D `values` of every process, concatenated (processes may hold different counts)."""
+        padded = self.accelerator.pad_across_processes(values.float(), dim=0, pad_index=float("nan"))
+        gathered = self.accelerator.gather(padded)
+        return gathered[~torch.isnan(gathered)]
+
+    def any_process(self, flag: bool) -> bool:
+        """True when `flag` is True in any process: a decision every process must take together."""
+        if self.args.world_size <= 1:
+            return flag
+        vote = torch.tensor([float(flag)], device=self.args.device)
+        return bool(self.accelerator.reduce(vote, reduction="sum").item() > 0)
 
     def describe_examples(self, indices: list[int]) -> str:
         items = self.train_dataset.items
@@ -247,10 +273,17 @@ class PreferenceTrainer(TrainerHooks):
         else:
             batch = SequenceBatch(**inputs)
             loss, metrics = self.batch_loss(model, batch)
-        if model.training and not torch.isfinite(loss).item():
+        if model.training and self.any_process(not torch.isfinite(loss).item()):
+            # Every process skips (or stops) together: one process alone would leave the others
+            # waiting in the gradient all-reduce (DESIGN §7).
             self.nonfinite("loss", batch.example_indices)
-            # skipped: no gradient from this micro-batch (optimizers skip parameters without one)
+            # A zero that still reaches every trainable weight, so DDP's gradient reduction runs as
+            # usual (a fresh zero has no graph: the reducer would never fire, and the next step
+            # would fail). The skipped batch adds nothing: every gradient of this micro-batch is 0.
+            # ZeRO-3's partitioned weights are left out: DeepSpeed reduces what backward produced,
+            # the same (nothing) on every process, since all of them skip together.
             loss = torch.zeros((), device=loss.device, requires_grad=True)
+            loss = loss + sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad and weight_is_whole(p))
             return (loss, {}) if return_outputs else loss
         if model.training:
             self.last_example_indices = batch.example_indices
