@@ -7,14 +7,9 @@ import struct
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+from prefopt.bench.tiny import CHAT_TEMPLATE, SPECIALS, byte_tokenizer  # noqa: F401  (re-exported for the tests)
 
 # Four standard-format pairs shared by the tests that compare against TRL.
 PAIRS = [
@@ -65,21 +60,6 @@ def assert_f32_grad_close(actual: torch.Tensor, expected: torch.Tensor, what: st
     error = (actual - expected).double().norm().item() / (expected.double().norm().item() or 1e-30)
     units = error / (F32_GRAD_TERMS**0.5 * F32_EPS)
     assert units <= 1.0, f"{what}: relative difference {error:.2e} is {units:.2f} x the float32 tolerance"
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per byte (ByteLevel alphabet, no merges) plus ChatML specials: any text round-trips."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    for ch in sorted(alphabet):
-        vocab[ch] = len(vocab)
-    raw = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    raw.decoder = decoders.ByteLevel()
-    raw.add_special_tokens(SPECIALS)
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
 
 
 # Every Linear of the tiny Llama has in_features a multiple of 64 (bitsandbytes' 4-bit quantisation

@@ -99,3 +99,17 @@ def test_grpo_under_zero(stage, tmp_path, setup):
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     assert losses[0] == pytest.approx(0.0, abs=1e-6)  # rho = 1, advantages of mean 0, policy == reference
     assert (out / "final" / "model.safetensors").exists()
+
+
+def test_zero3_resume_continues_exactly(tmp_path, tiny_model_dir):
+    """Checkpoints under ZeRO-3 are DeepSpeed's sharded ones; --resume from step 2 logs the losses of
+    steps 3 and 4 of the uninterrupted run (constant learning rate: the schedule depends on max_steps)."""
+    base = ["--loss", "dpo", "--data", str(SAMPLES / "standard.jsonl"), "--batch-size", "2", "--save-steps", "2",
+            "--lr-scheduler", "constant", *COMMON[2:]]  # fmt: skip
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    launch(tmp_path, 3, tiny_model_dir, [*base, "--output-dir", str(whole), "--max-steps", "4"])
+    launch(tmp_path, 3, tiny_model_dir, [*base, "--output-dir", str(parts), "--max-steps", "2"])
+    assert (parts / "checkpoint-2").is_dir()
+    launch(tmp_path, 3, tiny_model_dir, [*base, "--output-dir", str(parts), "--max-steps", "4", "--resume"])
+    losses = lambda out: [(m["step"], m["loss"]) for m in read_metrics(out) if "loss" in m]  # noqa: E731
+    assert losses(parts) == losses(whole)
