@@ -125,6 +125,16 @@ def _pairs(samples_path: Path, settings: IterateSettings, seed: int):
     return pairs.select_pairs(samples, settings.selection, settings.min_margin, seed)
 
 
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()  # the trainer holds reference cycles (callbacks, accelerator) that refcounting leaves
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _round_model(run_final: Path, folder: Path) -> str:
     """pi_t as a full model folder: the run's final/, or its adapter merged into the base."""
     from prefopt.models.inference import is_adapter, load_for_inference
@@ -202,8 +212,13 @@ def iterate(settings: IterateSettings, config, output_dir: str | Path | None = N
         final = folder / "run" / "final"
         if not final.exists():  # a round stopped after training keeps its model
             run = train(_train_config(config, model, pi0, pairs_path, folder / "run", t))
-            if run.interrupted:
-                raise PrefoptError(f"round {t} was interrupted ({run.interrupted}); run the command again to resume")
+            interrupted = run.interrupted
+            # The round's trainer (policy, optimizer state, reference copy) is done with: let it go
+            # before this round's evaluation and the next round's sampling load their own models.
+            del run
+            _release_memory()
+            if interrupted:
+                raise PrefoptError(f"round {t} was interrupted ({interrupted}); run the command again to resume")
         model = _round_model(final, folder)
         value = _evaluate(folder, model, held_out, settings, reward, config)
         results.append(RoundResult(t, model, len(chunk), report.written, value))

@@ -124,10 +124,21 @@ def _load_reference(mode: str, config: TrainConfig, model, items, collator, extr
         return ModelReference(load_reference_copy(config), chunk_size=config.chunk_size, use_logits=use_logits)
     if mode == "adapter":
         return ModelReference(disable_adapter=True, chunk_size=config.chunk_size, use_logits=use_logits)
-    device = next(model.parameters()).device
+    from prefopt.models.inference import inference_device
+
+    # Scored where training will run, under the autocast around this call (the cache key names it):
+    # the model is still where it loaded (the CPU), and CPU fp32 log-probs would not be the bf16
+    # autocast ones on the GPU, so the step-0 log-ratio would not be 0. 4-bit weights loaded in place.
+    device = inference_device()
+    if not getattr(model, "is_loaded_in_4bit", False):
+        model.to(device)
     # Before training the policy is the reference (full weights, or LoRA with B = 0), unless
     # --reference-model names other weights: those are loaded once, scored, and dropped.
-    scorer = load_reference_copy(config).to(device) if config.reference_model else model
+    scorer = model
+    if config.reference_model:
+        scorer = load_reference_copy(config)
+        if not getattr(scorer, "is_loaded_in_4bit", False):
+            scorer.to(device)
     return CachedReference.build(
         scorer, items, collator, cache_root() / "reference", extra_key, config.batch_size, device
     )

@@ -411,6 +411,16 @@ class PreferenceTrainer(TrainerHooks):
                     counts[name] += n
         finally:
             self.model.train(was_training)
+        if self.args.world_size > 1:  # each process saw its shard: the held-out numbers are over all of them
+            import torch.distributed as dist
+
+            shards = [None] * self.args.world_size
+            dist.all_gather_object(shards, (dict(sums), dict(counts)))
+            sums, counts = defaultdict(float), defaultdict(int)
+            for shard_sums, shard_counts in shards:
+                for name, value in shard_sums.items():
+                    sums[name] += value
+                    counts[name] += shard_counts[name]
         results = {f"{metric_key_prefix}_{name}": sums[name] / counts[name] for name in sums}
         self.log(dict(results))
         if eval_dataset is None:

@@ -96,3 +96,34 @@ def test_iterate_recipes_run_a_round_on_a_tiny_model(tmp_path):
             argv += ["--threshold", "0.5"]
         assert main(argv) == 0, name
         assert (out / "round-1" / "run" / "final").is_dir() and (out / "round-1" / "eval.json").exists(), name
+
+
+def test_a_rounds_trainer_is_freed_before_the_next_round_samples(tmp_path, monkeypatch):
+    """Issue #19 item 9: round t's trainer (model, optimizer, reference copy) stayed alive through
+    round t's evaluation and round t+1's sampling. Each round's trained model is watched with a weak
+    reference; when the next sampling starts, every earlier one must be gone."""
+    import gc
+    import weakref
+
+    from prefopt.iterative import iterate as loop
+    from prefopt.training import run
+
+    trained, alive_at_sampling = [], []
+    real_train, real_sample = run.train, loop._sample
+
+    def watched_train(config, *args, **kwargs):
+        result = real_train(config, *args, **kwargs)
+        trained.append(weakref.ref(result.trainer.model))
+        return result
+
+    def watched_sample(*args, **kwargs):
+        gc.collect()
+        alive_at_sampling.append(sum(ref() is not None for ref in trained))
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(run, "train", watched_train)  # iterate imports it when it starts
+    monkeypatch.setattr(loop, "_sample", watched_sample)
+    model, prompts, module = _setup(tmp_path)
+    assert main(_argv(tmp_path, model, prompts, module, "test_iter_length", rounds=2)) == 0
+    assert len(trained) == 2
+    assert alive_at_sampling and all(count == 0 for count in alive_at_sampling), alive_at_sampling
