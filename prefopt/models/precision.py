@@ -125,6 +125,13 @@ def choose_autocast(mixed_precision: str, weights: torch.dtype, device_type: str
         and mixed_precision == "fp16"
     ):
         raise ConfigError(f"mixed_precision {mixed_precision} on {str(weights)[6:]} weights mixes two 16-bit formats")
+    if weights == torch.float16 and mixed_precision == "fp16":
+        # fp16 autocast brings the GradScaler, which refuses to unscale fp16 gradients (it would
+        # fail at the first optimizer step)
+        raise ConfigError(
+            "mixed_precision fp16 on float16 weights: loss scaling needs float32 master weights; use "
+            "--dtype float32 --mixed-precision fp16, or --dtype float16 --mixed-precision no"
+        )
     return _AUTOCAST[mixed_precision]
 
 

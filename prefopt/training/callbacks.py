@@ -101,6 +101,11 @@ class GradientGuard(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         norm, self.trainer.step_grad_norm = self.trainer.step_grad_norm, None
+        if getattr(self.trainer.accelerator, "scaler", None) is not None:
+            # fp16 loss scaling: an inf gradient is an overflow of the scale, which the GradScaler
+            # answers itself (it skips this step and halves the scale), not a diverged run. A
+            # diverged one shows in the loss, which compute_loss checks every micro-batch.
+            return
         if norm is None:  # the trainer did not see this step's norm: take the largest |g| (NaN/inf iff one is)
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads, norm_type=float("inf")) if grads else 0.0

@@ -229,6 +229,31 @@ def test_precision_choices_are_checked():
         prec.resolve_precision(TrainConfig(data=["x"], mixed_precision="fp16"), "cpu")
     with pytest.raises(ConfigError, match="mixes two 16-bit formats"):
         prec.resolve_precision(TrainConfig(data=["x"], dtype="float16", mixed_precision="bf16"), "cuda")
+    # issue #19 item 6: accepted before, then the GradScaler refused to unscale fp16 gradients at step 1
+    with pytest.raises(ConfigError, match="loss scaling needs float32 master weights"):
+        prec.resolve_precision(TrainConfig(data=["x"], dtype="float16", mixed_precision="fp16"), "cuda")
+    assert prec.resolve_precision(TrainConfig(data=["x"], mixed_precision="fp16"), "cuda").autocast == torch.float16
+
+
+def test_an_fp16_scale_overflow_is_the_scalers_to_handle_not_a_divergence():
+    """Issue #19 item 6: with fp16 loss scaling an inf gradient norm is the scale overflowing, which
+    the GradScaler answers by skipping the step; the guard used to stop the run for it."""
+    from types import SimpleNamespace
+
+    from prefopt.training.callbacks import GradientGuard
+
+    calls = []
+    trainer = SimpleNamespace(
+        step_grad_norm=float("inf"), last_example_indices=[0], nonfinite=lambda *a: calls.append(a),
+        accelerator=SimpleNamespace(scaler=object()),
+    )  # fmt: skip
+    model = torch.nn.Linear(2, 1)
+    model(torch.ones(1, 2)).sum().backward()
+    GradientGuard(trainer).on_pre_optimizer_step(None, None, None, model=model)
+    assert calls == [] and model.weight.grad is not None
+    trainer.accelerator.scaler, trainer.step_grad_norm = None, float("inf")  # no scaler: a divergence
+    GradientGuard(trainer).on_pre_optimizer_step(None, None, None, model=model)
+    assert len(calls) == 1 and model.weight.grad is None
 
 
 def test_auto_optimizer_follows_the_trained_weights():
