@@ -23,7 +23,7 @@ PACKAGE = ROOT / "prefopt"
 
 # Bottom to top. A unit (a top-level module or a subpackage) may import units in its own layer or below.
 LAYERS = [
-    {"errors", "compat", "plugins"},  # core: errors, the one home of private transformers APIs, user-module import
+    {"errors", "compat", "plugins", "distributed"},  # core: errors, private transformers APIs, user modules, votes
     {"data"},  # files -> examples -> ids -> batches
     {"config"},  # TrainConfig (validates formats against data's)
     {"losses"},  # the loss registry, one file per loss, advantage estimators

@@ -23,6 +23,7 @@ section failed. No model or data is downloaded: the models are random, the data 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -259,7 +260,7 @@ def environment(device: str) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
     for name in ("accelerate", "peft", "trl", "deepspeed", "bitsandbytes", "datasets"):
         spec = importlib.util.find_spec(name)
-        info[name] = __import__(name).__version__ if spec else None
+        info[name] = importlib.metadata.version(name) if spec else None
     info["device"] = torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu"
     return info
 

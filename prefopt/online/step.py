@@ -23,6 +23,7 @@ import torch
 
 from prefopt.data.collate import SequenceBatch, shared_prefix_batch
 from prefopt.data.formats import PromptExample
+from prefopt.distributed import any_process
 from prefopt.losses import LossInputs
 from prefopt.models.logps import completion_states, completion_token_logps, output_head
 from prefopt.models.rollout import (
@@ -176,7 +177,10 @@ class Rollouts:
             indices.append(items[i].index)
         device = next(model.parameters()).device
         metrics = {"unscorable": float(unscorable), "generation_s": generation_s}
-        if not rewards:  # nothing to learn from: no gradient this micro-batch
+        # Nothing to learn from in some process: every process skips this micro-batch together. A
+        # process that skipped alone would run no forward, and under DDP the others would wait in
+        # the gradient all-reduce for it (DESIGN §7). No gradient this micro-batch, anywhere.
+        if any_process(not rewards, device):
             zero = torch.zeros((), device=device, requires_grad=True)
             return zero, metrics, SimpleNamespace(example_indices=[item.index for item in items], num_tokens=0)
         layout = (

@@ -25,6 +25,7 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from prefopt.compat import LengthGroupedSampler, TrainerHooks
 from prefopt.data.collate import PreferenceCollator, SequenceBatch
+from prefopt.distributed import any_process
 from prefopt.errors import PrefoptError
 from prefopt.losses import LossInputs
 from prefopt.models.logps import score_model, weight_is_whole
@@ -227,13 +228,6 @@ class PreferenceTrainer(TrainerHooks):
         gathered = self.accelerator.gather(padded)
         return gathered[~torch.isnan(gathered)]
 
-    def any_process(self, flag: bool) -> bool:
-        """True when `flag` is True in any process: a decision every process must take together."""
-        if self.args.world_size <= 1:
-            return flag
-        vote = torch.tensor([float(flag)], device=self.args.device)
-        return bool(self.accelerator.reduce(vote, reduction="sum").item() > 0)
-
     def describe_examples(self, indices: list[int]) -> str:
         items = self.train_dataset.items
         return ", ".join(items[i].where or f"#{i}" for i in indices if i < len(items)) or "-"
@@ -273,7 +267,7 @@ class PreferenceTrainer(TrainerHooks):
         else:
             batch = SequenceBatch(**inputs)
             loss, metrics = self.batch_loss(model, batch)
-        if model.training and self.any_process(not torch.isfinite(loss).item()):
+        if model.training and any_process(not torch.isfinite(loss).item(), self.args.device):
             # Every process skips (or stops) together: one process alone would leave the others
             # waiting in the gradient all-reduce (DESIGN §7).
             self.nonfinite("loss", batch.example_indices)
