@@ -52,7 +52,7 @@ def installed(tmp_path_factory):
     return env_dir, empty, wheel
 
 
-def run(env_dir: Path, cwd: Path, *argv) -> subprocess.CompletedProcess:
+def run(cwd: Path, *argv) -> subprocess.CompletedProcess:
     proc = subprocess.run([*argv], cwd=cwd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
@@ -70,11 +70,11 @@ def test_the_wheel_carries_the_sample_data(installed):
 
 def test_version_and_losses_from_an_empty_folder(installed):
     env_dir, empty, _ = installed
-    where = run(env_dir, empty, env_dir / "bin" / "python", "-c", "import prefopt; print(prefopt.__file__)")
+    where = run(empty, env_dir / "bin" / "python", "-c", "import prefopt; print(prefopt.__file__)")
     assert str(env_dir) in where.stdout, "the fresh venv imported prefopt from somewhere else"
-    version = run(env_dir, empty, env_dir / "bin" / "prefopt", "--version").stdout.strip()
+    version = run(empty, env_dir / "bin" / "prefopt", "--version").stdout.strip()
     assert version.startswith("prefopt ")
-    losses = run(env_dir, empty, env_dir / "bin" / "prefopt", "losses").stdout
+    losses = run(empty, env_dir / "bin" / "prefopt", "losses").stdout
     assert "\ndpo\n" in "\n" + losses and "kto" in losses and "grpo" in losses
 
 
@@ -86,7 +86,7 @@ def test_the_demos_data_step_from_an_empty_folder(installed):
         "train, held = write_data(Path('demo-data'));"
         "print(json.dumps([len(train.read_text().splitlines()), len(held.read_text().splitlines())]))"
     )
-    counts = json.loads(run(env_dir, empty, env_dir / "bin" / "python", "-c", code).stdout)
+    counts = json.loads(run(empty, env_dir / "bin" / "python", "-c", code).stdout)
     assert counts == [32, 8]
     first = json.loads((empty / "demo-data" / "train.jsonl").read_text().splitlines()[0])
     assert first["chosen"][0]["content"].startswith("Answer: ")
