@@ -332,11 +332,28 @@ def weight_is_whole(weight: torch.Tensor) -> bool:
     return not hasattr(weight, "ds_id") and type(weight).__name__ != "DTensor" and weight.numel() > 0
 
 
-def _plain_linear(head: torch.nn.Module) -> bool:
-    """A bias-free Linear whose weight the fused functions may read directly. A sharded weight
-    takes the checkpointed path instead, which calls the head module chunk by chunk (in forward
-    and again in backward), so the engine gathers the weight for each call (DESIGN §7)."""
-    return type(head) is torch.nn.Linear and head.bias is None and weight_is_whole(head.weight)
+def _fused_weight(head: torch.nn.Module) -> torch.Tensor | None:
+    """The weight the fused functions use for a bias-free Linear head, or None (the generic path).
+
+    A whole weight is used as it is. A sharded one (ZeRO-3, FSDP2; DESIGN §7) is never read as it
+    lies: a frozen one (a LoRA base's head, the reference's) is gathered explicitly into a whole
+    copy for this call, which needs no gradient; a trained one returns None, so the checkpointed
+    path calls the head module chunk by chunk (in forward and again in backward) and the engine
+    gathers the weight, and reduces its gradient, for each call.
+    """
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    weight = head.weight
+    if weight_is_whole(weight):
+        return weight
+    if weight.requires_grad:
+        return None
+    if type(weight).__name__ == "DTensor":
+        return weight.full_tensor().detach()
+    import deepspeed  # a ZeRO-3 parameter: DeepSpeed is what partitioned it
+
+    with deepspeed.zero.GatheredParameters([weight]):
+        return weight.detach().clone()
 
 
 def score_completions(
@@ -350,9 +367,11 @@ def score_completions(
     want_kl = ref_states is not None
     if not want_kl:
         return _per_sequence(completion_token_logps(head, states, chunk_size), states) + (None,)
-    if want_kl and _plain_linear(head) and _plain_linear(ref_head):
+    weight = _fused_weight(head) if want_kl else None
+    ref_weight = _fused_weight(ref_head) if weight is not None else None
+    if weight is not None and ref_weight is not None:
         token_logps, token_kl = _LinearHeadLogpsKL.apply(
-            states.hidden, head.weight, states.targets, ref_states.hidden.detach(), ref_head.weight.detach(), chunk_size
+            states.hidden, weight, states.targets, ref_states.hidden.detach(), ref_weight.detach(), chunk_size
         )
         logps, lengths = _per_sequence(token_logps, states)
         kl = torch.zeros(states.num_rows, device=token_kl.device, dtype=torch.float32).index_add(
@@ -384,8 +403,9 @@ def score_completions(
 def completion_token_logps(head: torch.nn.Module, states: CompletionStates, chunk_size: int = 1024) -> torch.Tensor:
     """The log-prob of each completion token (K,), chunked as `score_completions` (policy-gradient
     losses weight each token by its own advantage)."""
-    if _plain_linear(head):
-        return _LinearHeadLogps.apply(states.hidden, head.weight, states.targets, chunk_size)
+    weight = _fused_weight(head)
+    if weight is not None:
+        return _LinearHeadLogps.apply(states.hidden, weight, states.targets, chunk_size)
     grad = torch.is_grad_enabled() and states.hidden.requires_grad
     pieces = []
     for start in range(0, states.hidden.shape[0], chunk_size):

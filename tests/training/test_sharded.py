@@ -25,10 +25,13 @@ from prefopt import TrainConfig, train
 ROOT = Path(__file__).resolve().parents[2]
 pytest.importorskip("deepspeed")
 
+# run name -> (loss, data file, LoRA): a full fine-tune with a reference copy, and LoRA with the
+# adapter-off reference (the frozen, sharded head is gathered explicitly: tests the other path)
 LOSSES = {
-    "dpo": ["--data", str(SAMPLES / "standard.jsonl")],
-    "tdpo2": ["--data", str(SAMPLES / "standard.jsonl")],
-    "kto": ["--data", str(SAMPLES / "unpaired.jsonl")],
+    "dpo": ("dpo", "standard.jsonl", False),
+    "tdpo2": ("tdpo2", "standard.jsonl", False),
+    "kto": ("kto", "unpaired.jsonl", False),
+    "dpo-lora": ("dpo", "standard.jsonl", True),
 }
 
 
@@ -55,15 +58,19 @@ COMMON = ["--max-steps", "3", "--max-length", "96", "--logging-steps", "1", "--l
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-@pytest.mark.parametrize("loss", sorted(LOSSES))
-def test_two_sharded_processes_log_the_losses_of_one(loss, stage, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("run", sorted(LOSSES))
+def test_two_sharded_processes_log_the_losses_of_one(run, stage, tmp_path, tiny_model_dir):
+    loss, data, lora = LOSSES[run]
     out = tmp_path / "sharded"
-    argv = ["--loss", loss, *LOSSES[loss], "--output-dir", str(out), "--batch-size", "2", *COMMON]
+    argv = ["--loss", loss, "--data", str(SAMPLES / data), "--output-dir", str(out), "--batch-size", "2", *COMMON]
+    # LoRA's own dropout draws other masks for a batch of 4 than for two of 2: off, to compare
+    argv += ["--lora", "--lora-dropout", "0"] if lora else []
     result = launch(tmp_path, stage, tiny_model_dir, argv)
     assert result.stdout.count("prefopt: precision:") == 1  # start-up lines come from the main process once
     sharded = [m["loss"] for m in read_metrics(out) if "loss" in m]
 
-    single = dict(loss=loss, model=tiny_model_dir, data=[LOSSES[loss][1]], output_dir=str(tmp_path / "one"))
+    single = dict(loss=loss, model=tiny_model_dir, data=[str(SAMPLES / data)], output_dir=str(tmp_path / "one"))
+    single.update(lora=lora, lora_dropout=0.0)
     single.update(batch_size=4, max_steps=3, max_length=96, logging_steps=1, learning_rate=1e-3, seed=1)
     one = [m["loss"] for m in read_metrics(train(TrainConfig(**single, save_steps=1000)).output_dir) if "loss" in m]
     assert len(sharded) == len(one) == 3
@@ -76,6 +83,11 @@ def test_two_sharded_processes_log_the_losses_of_one(loss, stage, tmp_path, tiny
     assert summary["sharding"]["zero_stage"] == stage and summary["sharding"]["processes"] == 2
     held = summary["sharding"]["weights_held_by_the_main_process"]
     assert (0.45 < held < 0.6) if stage == 3 else held == 1.0, held
+    if lora:  # final/ holds the adapter, with whole (gathered) tensors
+        from safetensors.torch import load_file
+
+        assert all(t.numel() > 0 for t in load_file(out / "final" / "adapter_model.safetensors").values())
+        return
     # final/ is an ordinary transformers folder with the whole (gathered) weights
     from transformers import AutoModelForCausalLM
 
