@@ -80,7 +80,11 @@ def print_table(result: dict) -> None:
     print(_row("greedy answers in the house style", f"{styled_before}/{n}", f"{styled_after}/{n}"))
     print(_row("DPO loss", 0.6931, result["loss"], "{:>9.4f}"))
     print(_row("KL(pi || pi_ref), chosen answers", 0.0, result["kl"]))
+    low, high = gen["win_rate_ci95"]
     print(f"  win rate of the trained policy over the untrained model (house-style reward): {gen['win_rate']:.3f}")
+    print(
+        f"  95% interval over the {n} questions (Wilson): {low:.2f}-{high:.2f}; sign test p = {gen['sign_test_p']:.3g}"
+    )
 
 
 def main() -> int:

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from prefopt.errors import PrefoptError
+from prefopt.evaluation.ab_stats import win_rate_statistics
 
 # the order in which the plain-text report lists the held-out pair numbers
 PAIR_LINES = [
@@ -250,6 +251,7 @@ def generation_metrics(policy, reference, tokenizer, prompts: list, reward, sett
         "reward_policy": _mean(flat(policy_rewards)),
         "reward_reference": _mean(flat(reference_rewards)),
         "win_rate": _mean(wins),
+        **win_rate_statistics(wins, settings.num_samples),
         "ties": sum(w == 0.5 for w in wins if w is not None),
         "unscored": sum(w is None for w in wins),
         "length_policy": _mean(lengths(policy_samples)),
@@ -346,6 +348,10 @@ def format_result(result: dict) -> str:
             f"reward {generation['reward']}"
         )
         lines += [f"  {label:<46}{_fmt(generation.get(key)):>10}" for key, label in GENERATION_LINES]
+        if generation.get("win_rate_ci95"):
+            low, high = generation["win_rate_ci95"]
+            lines.append(f"  {'win rate, 95% interval (Wilson, over prompts)':<46}{f'{low:.3f}-{high:.3f}':>10}")
+            lines.append(f"  {'sign test p (two-sided, ties left out)':<46}{_fmt(generation['sign_test_p']):>10}")
         if generation["ties"] or generation["unscored"]:
             lines.append(f"  ({generation['ties']} ties counted 1/2, {generation['unscored']} unscored left out)")
         example = generation["example"]

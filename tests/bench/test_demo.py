@@ -22,6 +22,7 @@ def test_demo_table_shows_before_and_after(capsys):
         "pairs": 8, "reference_prefers_chosen": 0.0, "policy_prefers_chosen": 0.875, "reference_logp_margin": -0.2,
         "logp_margin": 0.1, "loss": 0.33, "kl": 1.2,
         "generation": {"prompts": 8, "reward_reference": 0.0, "reward_policy": 0.75, "win_rate": 0.875,
+                       "win_rate_ci95": [0.5293, 0.9776], "sign_test_p": 0.0156,
                        "example": {"prompt": [{"role": "user", "content": "Capital of Peru?"}],
                                    "reference": "Lima.", "policy": "Answer: Lima.", "policy_won": True}},
     }  # fmt: skip
@@ -31,3 +32,4 @@ def test_demo_table_shows_before_and_after(capsys):
         "held-out question (the first one the trained policy won): Capital of Peru?" in out and "'Answer: Lima.'" in out
     )
     assert "0/8      6/8" in out and "0.000    0.875" in out
+    assert "95% interval over the 8 questions (Wilson): 0.53-0.98; sign test p = 0.0156" in out
