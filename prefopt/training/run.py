@@ -21,7 +21,6 @@ import torch
 from prefopt.config import ConfigError, TrainConfig
 from prefopt.data import (
     PreferenceCollator,
-    PreferenceTokenizer,
 )
 from prefopt.errors import PrefoptError
 from prefopt.losses import LossSpec, get_loss, get_loss_spec
@@ -30,6 +29,7 @@ from prefopt.models.quiet_logs import quiet_loading_bars, quiet_tied_weight_warn
 from prefopt.plugins import import_loss_module
 from prefopt.training.guard import RunStart, begin_run
 from prefopt.training.inputs import choose_reference, prepare_examples, tokenize_examples
+from prefopt.training.layout import choose_share_prefix
 from prefopt.training.report import write_run_report
 from prefopt.training.sharding import sharding_summary
 from prefopt.training.summary import build_summary, print_summary
@@ -86,32 +86,6 @@ def _training_arguments(config: TrainConfig, has_eval: bool, precision=None):
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
-
-
-def _longest_row(config, spec, items: list) -> int:
-    """How far positions run in one branch of a row: the token budget offline; a rollout's
-    prompt (as tokenized) plus its completion budget online."""
-    if spec.needs_rollouts:
-        return max((len(item.prompt_ids) for item in items), default=0) + config.max_new_tokens
-    return config.max_length
-
-
-def _shared_prefix_works(model, tokenizer, use_logits: bool) -> bool:
-    """Does this model honour a custom 4-D mask and position ids? Compare both layouts on one pair."""
-    from prefopt.data import PairExample
-    from prefopt.models.logps import score_model
-
-    pair = PreferenceTokenizer(tokenizer, 64).pair(PairExample("Is the sky blue?", " Yes, it is.", " No.", ""), 0)
-    device = next(model.parameters()).device
-    results = []
-    with torch.no_grad():
-        for share in (False, True):
-            batch = PreferenceCollator(tokenizer.pad_token_id, share_prefix=share)([pair]).to(device)
-            try:
-                results.append(score_model(model, batch, use_logits)[0][0])
-            except Exception:  # a model that rejects 4-D masks or position ids: use the plain layout
-                return False
-    return torch.allclose(results[0], results[1], atol=1e-3, rtol=1e-4)
 
 
 def _load_reference(mode: str, config: TrainConfig, model, items, collator, extra_key: str, use_logits: bool):
@@ -266,7 +240,7 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
     """Load the policy, tokenize, pick the batch layout and reference; the trainer with its callbacks."""
     from prefopt.models import precision as prec
     from prefopt.models.loading import load_policy
-    from prefopt.models.logps import head_matches_model, shared_layout_is_exact
+    from prefopt.models.logps import head_matches_model
     from prefopt.training.callbacks import GradientGuard, MetricsFile, StopOnSignal, install_progress
     from prefopt.training.trainer import DictCollator, ListDataset, PreferenceTrainer
 
@@ -284,18 +258,7 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
         item.index += len(train_items)
     probe = torch.tensor([tokenizer("probe")["input_ids"][:4] or [tokenizer.eos_token_id]])
     use_logits = not classifier and not head_matches_model(model, probe.to(next(model.parameters()).device))
-    # Pairs share their prompt; so do KTO's examples and their mismatched (KL) completions. A classifier
-    # pools one score per row, so it needs one row per sequence.
-    layout_shares = (spec.paired or spec.needs_kl_pairs or spec.needs_rollouts) and not classifier
-    share_prefix = config.share_prefix and layout_shares
-    if share_prefix:
-        exact, why_not = shared_layout_is_exact(model, _longest_row(config, spec, train_items + eval_items))
-        if not exact:
-            share_prefix = False
-            print(f"prefopt: prompts are not shared: {why_not}, which a shared layout's mask cannot hold")
-        elif not _shared_prefix_works(model, tokenizer, use_logits):
-            share_prefix = False
-            print("prefopt: this model does not take a custom 4-D attention mask; prompts are not shared")
+    share_prefix = choose_share_prefix(config, spec, model, tokenizer, train_items + eval_items, use_logits)
     collator = PreferenceCollator(
         tokenizer.pad_token_id, with_kl_pairs=spec.needs_kl_pairs, share_prefix=share_prefix, pack=config.pack
     )

@@ -26,7 +26,7 @@ import transformers
 from helpers import byte_tokenizer, read_metrics
 
 from prefopt import TrainConfig, train
-from prefopt.models.logps import attention_window
+from prefopt.models.windows import attention_window
 
 WINDOW = 80  # longer than the start-up probe's pair (64 tokens at most), shorter than the data's rows
 MAX_LENGTH = 200
