@@ -53,36 +53,60 @@ class _RMSNormFunction(torch.autograd.Function):
 
 
 class _SwiGLUFunction(torch.autograd.Function):
-    """down(silu(gate(x)) * up(x)); keeps x, gate(x) and up(x), recomputes silu and the product."""
+    """down(silu(gate(x)) * up(x)); keeps x, gate(x) and up(x), recomputes silu and the product.
+
+    Under autocast (`compute` = its dtype, e.g. bf16 over fp32 master weights) the function does what
+    autocast does to the stock MLP: x and the three weights are cast to `compute` and every matmul
+    runs there, so the forward is bitwise the stock one. It keeps the cast x (one copy, where the
+    stock gate and up projections keep one each) and the cast weights (what the stock matmuls keep
+    too). Backward runs the matmuls in `compute` as well and hands each gradient back in its
+    input's dtype; x's two parts are cast before they are added, as autograd adds the stock ones."""
 
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, w_down):
-        gate = F.linear(x, w_gate)
-        up = F.linear(x, w_up)
-        ctx.save_for_backward(x, gate, up, w_gate, w_up, w_down)
-        return F.linear(F.silu(gate) * up, w_down)
+    def forward(ctx, x, w_gate, w_up, w_down, compute):
+        xc, w_gate_c, w_up_c, w_down_c = (
+            t.to(compute) if compute is not None else t for t in (x, w_gate, w_up, w_down)
+        )
+        gate = F.linear(xc, w_gate_c)
+        up = F.linear(xc, w_up_c)
+        ctx.save_for_backward(xc, gate, up, w_gate_c, w_up_c, w_down_c)
+        ctx.dtypes = (x.dtype, w_gate.dtype, w_up.dtype, w_down.dtype)
+        return F.linear(F.silu(gate) * up, w_down_c)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, gate, up, w_gate, w_up, w_down = ctx.saved_tensors
+        x_dtype, gate_dtype, up_dtype, down_dtype = ctx.dtypes
+        grad_out = grad_out.to(x.dtype)
         act = F.silu(gate)
         grad_w_down = None
         if ctx.needs_input_grad[3]:
             grad_w_down = grad_out.reshape(-1, grad_out.shape[-1]).T @ (act * up).reshape(-1, up.shape[-1])
+            grad_w_down = grad_w_down.to(down_dtype)
         grad_hidden = grad_out @ w_down
         grad_up = grad_hidden * act
         del act
         grad_gate = torch.ops.aten.silu_backward(grad_hidden * up, gate)
         del grad_hidden
         flat_x = x.reshape(-1, x.shape[-1])
-        grad_w_gate = grad_gate.reshape(-1, grad_gate.shape[-1]).T @ flat_x if ctx.needs_input_grad[1] else None
-        grad_w_up = grad_up.reshape(-1, grad_up.shape[-1]).T @ flat_x if ctx.needs_input_grad[2] else None
-        grad_x = grad_gate @ w_gate + grad_up @ w_up if ctx.needs_input_grad[0] else None
-        return grad_x, grad_w_gate, grad_w_up, grad_w_down
+        grad_w_gate = grad_w_up = grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_w_gate = (grad_gate.reshape(-1, grad_gate.shape[-1]).T @ flat_x).to(gate_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_w_up = (grad_up.reshape(-1, grad_up.shape[-1]).T @ flat_x).to(up_dtype)
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_gate @ w_gate).to(x_dtype) + (grad_up @ w_up).to(x_dtype)
+        return grad_x, grad_w_gate, grad_w_up, grad_w_down, None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run this device's matmuls in (None: autocast is off)."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 def _use_stock(x: torch.Tensor) -> bool:
-    return not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type)
+    return not torch.is_grad_enabled()
 
 
 # The stock forward is called through the class the lean one was made from (`_prefopt_stock`),
@@ -104,7 +128,8 @@ def _lean_rmsnorm_forward(self, hidden_states):
 def _lean_swiglu_forward(self, x):
     if _use_stock(x) or _sharded(self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight):
         return self._prefopt_stock.forward(self, x)
-    return _SwiGLUFunction.apply(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+    weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+    return _SwiGLUFunction.apply(x, *weights, _compute_dtype(x))
 
 
 def _is_plain_linear(module) -> bool:

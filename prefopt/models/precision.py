@@ -190,6 +190,44 @@ def autocast_context(args) -> torch.autocast:
     return torch.autocast(args.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+def frozen_weights_in_compute_dtype(model: torch.nn.Module, compute: torch.dtype) -> int:
+    """Keep `model`'s frozen Linear weights in the autocast dtype; returns the bytes this saves.
+
+    Under autocast every Linear casts its fp32 weight to bf16 on each call (a frozen weight is not
+    in autocast's cache, which holds only weights that require grad), so a frozen reference copy or
+    a LoRA base would pay that cast in every forward and every decode step, and keep twice the
+    memory of the bf16 copy it computes with. A weight already in bf16 is what autocast would make
+    of it, so the matmuls, and every score, are bitwise the same as with the fp32 weight: a policy
+    equal to its reference still scores exactly equal.
+
+    Left in their dtype: trained weights (the master weights stay fp32), modules other than a plain
+    nn.Linear (embeddings are looked up, not multiplied: the residual stream stays fp32; 4-bit
+    layers keep their own compute dtype), a weight shared with such a module (a head tied to the
+    embedding), and the output head: TDPO's token KL multiplies it in fp32 with autocast off, and a
+    bf16 copy would make the reference's distribution differ from an equal policy's.
+    """
+    from prefopt.models.logps import output_head
+
+    owners: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(module)
+    try:
+        head = output_head(model)
+    except (AttributeError, NotImplementedError):
+        head = None
+    saved = 0
+    for module in model.modules():
+        if type(module) is not torch.nn.Linear or module is head:
+            continue
+        for param in module.parameters(recurse=False):
+            plain = all(type(owner) is torch.nn.Linear and owner is not head for owner in owners[id(param)])
+            if plain and not param.requires_grad and param.dtype == torch.float32:
+                saved += param.numel() * (param.element_size() - torch.finfo(compute).bits // 8)
+                param.data = param.data.to(compute)
+    return saved
+
+
 # -- low-precision weights -------------------------------------------------------------------
 
 

@@ -31,6 +31,9 @@ class ModelReference:
         self.disable_adapter = disable_adapter
         self.chunk_size = chunk_size
         self.use_logits = use_logits
+        # Set under mixed precision, when the frozen weights were cast to it: every forward runs under
+        # this autocast (a bf16 weight cannot meet an fp32 input outside one).
+        self.compute_dtype: torch.dtype | None = None
 
     def prepare(self, trainer) -> None:
         """Put the frozen copy where the policy trains (DESIGN §7): under DeepSpeed its own
@@ -53,8 +56,11 @@ class ModelReference:
         was_training = model.training
         model.eval()
         adapter_off = policy.disable_adapter() if self.disable_adapter else contextlib.nullcontext()
+        autocast = contextlib.nullcontext()
+        if self.compute_dtype is not None:
+            autocast = torch.autocast(next(model.parameters()).device.type, dtype=self.compute_dtype)
         try:
-            with adapter_off:
+            with adapter_off, autocast:
                 yield model
         finally:
             model.train(was_training)

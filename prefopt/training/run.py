@@ -308,6 +308,8 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
         skip_nonfinite=config.skip_nonfinite,
     )
     trainer.precision_record = prec.precision_record(precision)  # kept in each checkpoint
+    if precision.autocast is not None and not trainer.is_deepspeed_enabled:  # (DeepSpeed: its engines cast)
+        _frozen_in_compute_dtype(model, reference, precision.autocast)
     install_progress(trainer)
     trainer.add_callback(MetricsFile(output_dir / "metrics.jsonl"))
     trainer.add_callback(GradientGuard(trainer))
@@ -322,6 +324,25 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
     for callback in callbacks or []:
         trainer.add_callback(callback)
     return trainer, stopper
+
+
+def _frozen_in_compute_dtype(policy, reference, compute: torch.dtype) -> None:
+    """Under autocast, the frozen copies' Linear weights (the reference copy's, a LoRA base's) are kept
+    in the compute dtype: the same scores, without a cast per call (prefopt.models.precision). Done
+    after the reference cache is built: its key hashes the weights as they loaded."""
+    from prefopt.models.precision import frozen_weights_in_compute_dtype
+
+    saved = frozen_weights_in_compute_dtype(policy, compute)
+    copy = getattr(reference, "model", None)
+    if copy is not None:
+        saved += frozen_weights_in_compute_dtype(copy, compute)
+    if hasattr(reference, "compute_dtype"):
+        reference.compute_dtype = compute  # its forwards run under this autocast wherever they are called
+    if saved:
+        name = str(compute).removeprefix("torch.")
+        print(
+            f"prefopt: precision: frozen weights kept in {name} (reference copy, LoRA base): {saved / 1e9:.2f} GB less"
+        )
 
 
 def _recorded_state(output_dir: Path) -> dict:

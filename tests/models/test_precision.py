@@ -131,6 +131,12 @@ def test_mixed_bf16_matches_fp32_for_every_loss(name, tmp_path, tiny_model_dir):
         assert math.isfinite(a) and abs(a - b) <= 0.01 * max(1.0, abs(b)), (mixed_losses, fp32_losses)
     if name in ("dpo", "dpop", "tdpo1", "tdpo2"):  # policy == reference at step 1, computed the same way
         assert mixed_losses[0] == pytest.approx(math.log(2), abs=1e-6)
+        # ... although the frozen copy's projections are bf16 now (what autocast makes of the fp32 ones)
+        copy = mixed.trainer.reference.model
+        linears = [m for m in copy.modules() if type(m) is torch.nn.Linear and m is not copy.get_output_embeddings()]
+        assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+        assert copy.get_output_embeddings().weight.dtype == torch.float32  # the head stays (TDPO's fp32 KL)
+        assert copy.get_input_embeddings().weight.dtype == torch.float32  # lookups: the residual stays fp32
 
 
 @pytest.mark.parametrize("reference", [dict(reference="cached"), dict(reference="adapter", lora=True)])
@@ -142,6 +148,51 @@ def test_mixed_bf16_reference_modes_start_at_log_ratio_zero(reference, tmp_path,
     )
     assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
     assert math.isfinite(losses[1])
+
+
+def test_frozen_weights_in_compute_dtype_score_exactly_as_autocast_does():
+    """The frozen projections are cast to bf16, since autocast casts them on every call anyway: the
+    logits are bitwise equal. Trained weights, embeddings, the output head and a weight the head
+    shares with the embedding stay fp32; the bytes saved are 2 per cast weight."""
+    from helpers import tiny_llama
+
+    for tied in (True, False):
+        model = tiny_llama(0)
+        model.config.tie_word_embeddings = tied
+        if not tied:
+            model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+        else:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.requires_grad_(False)
+        model.model.layers[1].mlp.down_proj.weight.requires_grad_(True)  # a trained weight stays as it is
+        ids = torch.randint(1, 259, (2, 11), generator=torch.Generator().manual_seed(0))
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            before = model(input_ids=ids).logits
+        linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m is not model.lm_head]
+        expected = sum(m.weight.numel() * 2 for m in linears) - model.model.layers[1].mlp.down_proj.weight.numel() * 2
+        assert prec.frozen_weights_in_compute_dtype(model, torch.bfloat16) == expected
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            after = model(input_ids=ids).logits
+        assert torch.equal(before, after)
+        assert model.lm_head.weight.dtype == model.model.embed_tokens.weight.dtype == torch.float32
+        assert model.model.layers[1].mlp.down_proj.weight.dtype == torch.float32
+        assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+        assert prec.frozen_weights_in_compute_dtype(model, torch.bfloat16) == 0  # nothing left to cast
+
+
+def test_mixed_bf16_lora_keeps_its_base_in_bf16_and_adapters_in_fp32(tmp_path, tiny_model_dir):
+    """LoRA under mixed precision: the frozen base projections are bf16 (no cast per call, half the
+    memory), the adapters fp32 master weights that train; adapter-off reference: ln 2 at step 1."""
+    result, losses = run(
+        tmp_path, tiny_model_dir, "run", max_steps=2, learning_rate=1e-3, mixed_precision="bf16", lora=True
+    )
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    named = dict(result.trainer.model.named_parameters())
+    trained = {n for n, p in named.items() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    assert all(named[n].dtype == torch.float32 for n in trained)
+    base = [n for n, p in named.items() if "base_layer.weight" in n]
+    assert base and all(named[n].dtype == torch.bfloat16 for n in base)
 
 
 def test_fused_head_sums_stay_fp32_under_autocast():
