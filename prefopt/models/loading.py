@@ -35,10 +35,19 @@ def training_dtype(name: str) -> torch.dtype:
     return torch.float32 if name == "auto" else resolve_dtype(name)
 
 
-def _load_causal_lm(config: TrainConfig, dtype: torch.dtype, name: str | None = None, classifier: bool = False):
+def _load_causal_lm(
+    config: TrainConfig,
+    dtype: torch.dtype,
+    name: str | None = None,
+    classifier: bool = False,
+    compute_dtype: torch.dtype | None = None,
+):
     """The causal LM `name` (default: config.model) with the config's dtype and quantisation.
 
     classifier=True: the same weights as a sequence classifier with one output (num_labels=1).
+    compute_dtype: the autocast dtype of the run (None: no autocast). A 4-bit layer dequantises its
+    weight into its compute dtype for every matmul; under autocast that is the autocast dtype, as
+    the matmul runs there anyway (dequantising to fp32 would write twice the bytes, then be cast).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -54,7 +63,7 @@ def _load_causal_lm(config: TrainConfig, dtype: torch.dtype, name: str | None = 
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_compute_dtype=compute_dtype or dtype,
             # the new score head is trained in full precision, never quantised
             llm_int8_skip_modules=["score"] if classifier else None,
         )
@@ -175,17 +184,18 @@ def disable_dropout(model: torch.nn.Module) -> int:
     return turned_off
 
 
-def load_policy(config: TrainConfig, sequence_classifier: bool = False):
+def load_policy(config: TrainConfig, sequence_classifier: bool = False, compute_dtype: torch.dtype | None = None):
     """(model, tokenizer). With LoRA the model is a PEFT model whose base weights are frozen.
 
     sequence_classifier=True (a loss with `needs_sequence_scores`): the model is loaded as a sequence
     classifier with one output and `config.pad_token_id` set (its forward refuses batches without
     one). prefopt pools each row itself, at its last real token by the attention mask, so pad == eos
     is safe here (transformers' own pooling skips a closing EOS then: TRL #937, transformers #35352).
+    compute_dtype: the run's autocast dtype, for 4-bit layers (`_load_causal_lm`).
     """
     dtype = training_dtype(config.dtype)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
-    model = _load_causal_lm(config, dtype, classifier=sequence_classifier)
+    model = _load_causal_lm(config, dtype, classifier=sequence_classifier, compute_dtype=compute_dtype)
     if sequence_classifier:
         model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
@@ -209,10 +219,10 @@ def load_policy(config: TrainConfig, sequence_classifier: bool = False):
     return model, tokenizer
 
 
-def load_reference_copy(config: TrainConfig):
+def load_reference_copy(config: TrainConfig, compute_dtype: torch.dtype | None = None):
     """A frozen copy of the reference: `reference_model`, else the policy's starting weights
-    (4-bit too when the policy is)."""
-    model = _load_causal_lm(config, training_dtype(config.dtype), config.reference_model)
+    (4-bit too when the policy is, computing in the same dtype)."""
+    model = _load_causal_lm(config, training_dtype(config.dtype), config.reference_model, compute_dtype=compute_dtype)
     if config.disable_dropout:  # eval mode turns nn.Dropout off; a float rate read without `training` stays
         disable_dropout(model)
     model.eval()

@@ -162,10 +162,19 @@ class _LinearHeadLogps(torch.autograd.Function):
     d logp / d logits = onehot(target) - softmax, so one chunk x vocabulary buffer is alive at
     a time (the checkpointed generic path needs logits, log-softmax and their gradients).
     Same idea as Liger-Kernel's fused linear cross-entropy, per token rather than per pair.
+
+    Under autocast the states and the weight are cast to its dtype once, up front, and those copies
+    are what backward uses: the matmuls are the ones autocast would run (bitwise), without a cast
+    of the vocabulary x hidden weight per chunk and again in backward (a frozen weight, such as the
+    reference's or a tied head's, is not in autocast's cache).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size):
+        _save_autocast(ctx, hidden)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        if ctx.amp is not None:
+            hidden, weight = hidden.to(ctx.amp), weight.to(ctx.amp)
         logps = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
         lse = torch.empty_like(logps)
         for start in range(0, hidden.shape[0], chunk_size):
@@ -176,14 +185,14 @@ class _LinearHeadLogps(torch.autograd.Function):
             del logits
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk_size = chunk_size
-        _save_autocast(ctx, hidden)
         return logps
 
     @staticmethod
     def backward(ctx, grad_logps):
         hidden, weight, targets, lse = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_hidden = torch.empty(hidden.shape, device=hidden.device, dtype=hidden_dtype) if want_hidden else None
         grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if want_weight else None
         with _same_autocast(ctx):
             for start in range(0, hidden.shape[0], ctx.chunk_size):
@@ -195,7 +204,7 @@ class _LinearHeadLogps(torch.autograd.Function):
                 _head_backward(grad_logits, hidden, weight, sl, grad_hidden, grad_weight)
                 del grad_logits
         if want_weight:
-            grad_weight = grad_weight.to(weight.dtype)
+            grad_weight = grad_weight.to(weight_dtype)
         return grad_hidden, grad_weight, None, None
 
 

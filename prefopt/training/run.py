@@ -88,14 +88,17 @@ def _training_arguments(config: TrainConfig, has_eval: bool, precision=None):
     )
 
 
-def _load_reference(mode: str, config: TrainConfig, model, items, collator, extra_key: str, use_logits: bool):
+def _load_reference(
+    mode: str, config: TrainConfig, model, items, collator, extra_key: str, use_logits: bool, compute_dtype=None
+):
     from prefopt.models.loading import load_reference_copy
     from prefopt.training.reference import CachedReference, ModelReference
 
     if mode == "none":
         return None
     if mode == "copy":
-        return ModelReference(load_reference_copy(config), chunk_size=config.chunk_size, use_logits=use_logits)
+        copy = load_reference_copy(config, compute_dtype)
+        return ModelReference(copy, chunk_size=config.chunk_size, use_logits=use_logits)
     if mode == "adapter":
         return ModelReference(disable_adapter=True, chunk_size=config.chunk_size, use_logits=use_logits)
     from prefopt.models.inference import inference_device
@@ -110,7 +113,7 @@ def _load_reference(mode: str, config: TrainConfig, model, items, collator, extr
     # --reference-model names other weights: those are loaded once, scored, and dropped.
     scorer = model
     if config.reference_model:
-        scorer = load_reference_copy(config)
+        scorer = load_reference_copy(config, compute_dtype)
         if not getattr(scorer, "is_loaded_in_4bit", False):
             scorer.to(device)
     return CachedReference.build(
@@ -249,7 +252,7 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
         precision = prec.resumed_precision(config, precision, _recorded_state(output_dir).get("precision"))
     # A loss that trains a reward model gets a sequence classifier (num_labels=1), scored one row per sequence.
     classifier = spec.needs_sequence_scores
-    model, tokenizer = load_policy(config, sequence_classifier=classifier)
+    model, tokenizer = load_policy(config, sequence_classifier=classifier, compute_dtype=precision.autocast)
     optimizer = prec.choose_optimizer(config.optimizer, model)
     print(f"prefopt: precision: {precision.describe()}; optimizer {optimizer}")
     train_items = tokenize_examples(train_examples, tokenizer, config, spec, "train")
@@ -267,7 +270,7 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
         extra_key += f"|autocast {precision.autocast}"
     with torch.autocast(_device_type(), dtype=precision.autocast or torch.float32, enabled=bool(precision.autocast)):
         reference = _load_reference(
-            reference_mode, config, model, train_items + eval_items, collator, extra_key, use_logits
+            reference_mode, config, model, train_items + eval_items, collator, extra_key, use_logits, precision.autocast
         )
     if getattr(reference, "path", None):
         print(f"prefopt: reference log-probs {'reused from' if reference.reused else 'cached in'} {reference.path}")

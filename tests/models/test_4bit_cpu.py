@@ -156,3 +156,38 @@ def test_importing_prefopt_drops_only_the_bitsandbytes_kernels_note():
 
     assert not passes("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'.")
     assert passes("any other bitsandbytes warning")
+
+
+def test_under_mixed_bf16_4bit_layers_compute_in_bf16_and_start_at_ln2(tmp_path, tiny_model_dir):
+    """QLoRA under bf16 autocast: each 4-bit layer dequantises straight into bf16 (where the matmul
+    runs anyway), the adapters stay fp32 master weights, and the adapter-off reference is the
+    policy at step 1 (DPO loss ln 2)."""
+    import math
+
+    from helpers import SAMPLES, read_metrics
+
+    from prefopt import train
+
+    config = TrainConfig(
+        model=tiny_model_dir,
+        data=[str(SAMPLES / "standard.jsonl")],
+        output_dir=str(tmp_path / "run"),
+        lora=True,
+        load_in_4bit=True,
+        lora_r=4,
+        mixed_precision="bf16",
+        max_steps=2,
+        batch_size=2,
+        max_length=64,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_steps=1000,
+    )
+    result = train(config)
+    layers = linear4bit_layers(result.trainer.model)
+    assert layers and all(layer.compute_dtype == torch.bfloat16 for layer in layers)
+    assert all(p.dtype == torch.float32 for p in result.trainer.model.parameters() if p.requires_grad)
+    losses = [m["loss"] for m in read_metrics(result.output_dir) if "loss" in m]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and math.isfinite(losses[1])
+    plain = linear4bit_layers(load_4bit(tiny_model_dir))  # without autocast: the weights' own dtype, as before
+    assert plain and all(layer.compute_dtype == torch.float32 for layer in plain)
