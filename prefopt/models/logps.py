@@ -1,8 +1,8 @@
 """Model outputs -> per-sequence completion log-probs, lengths and token-level KL.
 
 Memory: the B x T x V logits tensor is never built. The model runs once with
-`output_hidden_states=True, logits_to_keep=1` (through its own forward, so DDP/FSDP and
-PEFT wrappers see a normal call); the output head is then applied only at completion
+`logits_to_keep=1` (through its own forward, so DDP/FSDP and PEFT wrappers see a normal call),
+its final hidden states taken from the decoder stack's output; the output head is then applied only at completion
 positions, in chunks of `chunk_size` tokens, so at most one chunk of logits (chunk_size x V)
 is alive at a time, in forward and in backward: for a plain linear head through a fused
 autograd function (`_LinearHeadLogps`), otherwise through activation checkpointing per chunk.
@@ -70,26 +70,59 @@ def completion_states(model, batch, use_logits: bool = False) -> CompletionState
     }
     if batch.position_ids is not None:
         kwargs["position_ids"] = batch.position_ids
-    if use_logits:
-        hidden = model(**kwargs).logits
-    else:
-        hidden = model(**kwargs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    hidden = model(**kwargs).logits if use_logits else last_hidden_state(model, kwargs)
     flat = hidden.reshape(-1, hidden.shape[-1])
     return CompletionStates(
         hidden=flat[batch.predict_from], targets=batch.predict_token, rows=batch.predict_row, num_rows=batch.num_rows
     )
 
 
+def _decoder(model) -> torch.nn.Module | None:
+    """The decoder stack inside a (possibly PEFT-, DDP- or DeepSpeed-wrapped) causal LM, or None."""
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):  # PEFT
+        inner = inner.get_base_model()
+    get_decoder = getattr(inner, "get_decoder", None)
+    try:
+        decoder = get_decoder() if get_decoder is not None else None
+    except (AttributeError, NotImplementedError, ValueError):
+        return None
+    return decoder if isinstance(decoder, torch.nn.Module) and decoder is not inner else None
+
+
+def last_hidden_state(model, kwargs: dict) -> torch.Tensor:
+    """The final hidden states of one forward of `model` (through its own forward, so wrappers see
+    a normal call), with one position of logits (`logits_to_keep=1`).
+
+    Taken from the decoder stack's output by a forward hook rather than with
+    `output_hidden_states=True`, which keeps every layer's states until the forward returns: in the
+    no-grad forwards (the reference, evaluation, sampling's scoring) nothing else holds them, so that
+    is layers x positions x hidden of memory for nothing. A model without a separable decoder takes
+    the `output_hidden_states` path; `head_matches_model` checks the result either way."""
+    decoder = _decoder(model)
+    if decoder is None:
+        return model(**kwargs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    captured = []
+    hook = decoder.register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        model(**kwargs, logits_to_keep=1)
+    finally:
+        hook.remove()
+    output = captured[-1]
+    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+
 def head_matches_model(model, vocab_probe: torch.Tensor) -> bool:
-    """True when logits == head(hidden_states[-1]) for this architecture (no soft-capping or scaling).
+    """True when logits == head(last hidden state) for this architecture (no soft-capping or
+    scaling), with the last hidden state taken as training takes it (`last_hidden_state`).
 
     Checked once on a few tokens; when False, the trainer falls back to the model's full logits.
     """
     with torch.no_grad():
-        mask = torch.ones_like(vocab_probe)
-        out = model(input_ids=vocab_probe, attention_mask=mask, output_hidden_states=True, use_cache=False)
-        from_head = output_head(model)(out.hidden_states[-1])
-        return torch.allclose(from_head.float(), out.logits.float(), atol=1e-4, rtol=1e-4)
+        kwargs = {"input_ids": vocab_probe, "attention_mask": torch.ones_like(vocab_probe), "use_cache": False}
+        logits = model(**kwargs).logits
+        from_head = output_head(model)(last_hidden_state(model, kwargs))
+        return torch.allclose(from_head.float(), logits.float(), atol=1e-4, rtol=1e-4)
 
 
 def _chunk_scores(head_weight_owner, hidden, targets, ref_hidden, ref_head):

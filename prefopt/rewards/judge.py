@@ -62,14 +62,14 @@ class Judge:
     @torch.no_grad()
     def first_letter_probability(self, questions: list[list[int]]) -> list[float]:
         """P("A") / (P("A") + P("B")) as the judge's next token, per question."""
-        from prefopt.models.logps import output_head
+        from prefopt.models.logps import last_hidden_state, output_head
         from prefopt.rewards.reward_model import pad_right
 
         out: list[float] = []
         for start in range(0, len(questions), self.batch_size):
             ids, mask = pad_right(questions[start : start + self.batch_size], self.tokenizer.pad_token_id, self.device)
-            hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
-            last = hidden.hidden_states[-1][torch.arange(len(ids), device=self.device), mask.sum(1) - 1]
+            hidden = last_hidden_state(self.model, {"input_ids": ids, "attention_mask": mask, "use_cache": False})
+            last = hidden[torch.arange(len(ids), device=self.device), mask.sum(1) - 1]
             logits = output_head(self.model)(last)[:, self.letters].float()
             out += logits.softmax(dim=-1)[:, 0].tolist()
         return out

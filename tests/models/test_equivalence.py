@@ -204,3 +204,25 @@ def test_fused_and_checkpointed_token_kl_paths_agree():
     assert close(logps_b, logps_a) and close(kl_b, kl_a, logps_a.abs().max())  # KL: see above
     for name, grad in grads_a.items():
         assert_f32_grad_close(grads_b[name], grad, name)
+
+
+def test_scoring_takes_only_the_last_hidden_state():
+    """`last_hidden_state` reads the decoder stack's output with a hook: the same tensor as
+    hidden_states[-1], without asking the model for every layer's states (in a no-grad forward
+    nothing else keeps them), and with a PEFT wrapper around the model too."""
+    from peft import LoraConfig, get_peft_model
+
+    from prefopt.models.logps import last_hidden_state
+
+    model = tiny_llama(0)
+    ids = torch.randint(1, 259, (2, 9), generator=torch.Generator().manual_seed(0))
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+    expected = model(**kwargs, output_hidden_states=True).hidden_states[-1]
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(dict(kw)), with_kwargs=True)
+    got = last_hidden_state(model, kwargs)
+    hook.remove()
+    assert torch.equal(got, expected)
+    assert not seen[-1].get("output_hidden_states") and seen[-1]["logits_to_keep"] == 1
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert torch.equal(last_hidden_state(wrapped, kwargs), expected)  # B = 0: the base model's states
