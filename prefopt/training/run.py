@@ -53,7 +53,7 @@ def _device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _training_arguments(config: TrainConfig, has_eval: bool, precision=None):
+def _training_arguments(config: TrainConfig, has_eval: bool, precision=None, model=None):
     from prefopt.models.precision import resolve_precision, training_flags
     from prefopt.training.trainer import PreferenceArguments
 
@@ -85,7 +85,23 @@ def _training_arguments(config: TrainConfig, has_eval: bool, precision=None):
         report_to=config.report_to or "none",
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=_may_leave_weights_unused(model),
     )
+
+
+def _may_leave_weights_unused(model) -> bool:
+    """DDP's find_unused_parameters: True costs a walk of the whole autograd graph every step to
+    find weights that got no gradient (transformers turns it on for every model that does not
+    checkpoint). Every trained weight of a dense causal LM or reward model gets a gradient in every
+    prefopt step (the skipped-batch zero reaches all of them too), so it is off, except for a
+    mixture of experts, where an expert no token was routed to in a micro-batch gets none (and
+    where the model is not known, as transformers does)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return True
+    text = config.get_text_config()
+    experts = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+    return any((getattr(text, name, 0) or 0) > 1 for name in experts)
 
 
 def _load_reference(
@@ -290,7 +306,7 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
 
         rollouts = make_rollouts(config, spec, tokenizer, share_prefix, use_logits, critic)
 
-    args = _training_arguments(config, bool(eval_items), precision)
+    args = _training_arguments(config, bool(eval_items), precision, model)
     trainer = PreferenceTrainer(
         model=model,
         args=args,

@@ -128,3 +128,18 @@ def test_an_eager_attention_model_gets_its_float_mask_under_ddp(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     first = next(m for m in read_metrics(out) if "loss" in m)
     assert first["loss"] == pytest.approx(0.693147, abs=1e-5)
+
+
+def test_ddp_walks_the_graph_for_unused_weights_only_for_experts():
+    """find_unused_parameters costs a graph walk per step: off for dense models, whose every trained
+    weight gets a gradient each step; on for a mixture of experts (an expert may get no token)."""
+    from types import SimpleNamespace
+
+    from helpers import tiny_llama
+    from transformers import Qwen3MoeConfig
+
+    from prefopt.training.run import _may_leave_weights_unused
+
+    assert _may_leave_weights_unused(tiny_llama(0)) is False
+    assert _may_leave_weights_unused(SimpleNamespace(config=Qwen3MoeConfig(num_experts=4))) is True
+    assert _may_leave_weights_unused(None) is True
