@@ -114,8 +114,27 @@ class NonFiniteError(PrefoptError):
     """A loss or gradient became NaN/inf; the message names the step and the examples."""
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
+def _detached(metrics: dict) -> dict:
+    """A loss's metrics as they are (0-d tensors stay on the device, detached): converting each to a
+    float would wait for the device once per metric and micro-batch; `window_means` converts them
+    all together when a step is logged."""
+    return {name: value.detach() if torch.is_tensor(value) else float(value) for name, value in metrics.items()}
+
+
+def window_means(window: dict[str, list]) -> dict[str, float]:
+    """The mean of each metric over the logging window, with one device-to-host copy for all."""
+    names = [name for name, values in window.items() if values]
+    if not names:
+        return {}
+    tensors = [v for name in names for v in window[name] if torch.is_tensor(v)]
+    device = tensors[0].device if tensors else "cpu"
+    means = torch.stack(
+        [
+            torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in window[name]]).mean()
+            for name in names
+        ]
+    )
+    return dict(zip(names, means.tolist(), strict=True))
 
 
 class PreferenceTrainer(TrainerHooks):
@@ -196,17 +215,17 @@ class PreferenceTrainer(TrainerHooks):
             reference_kl_logps=reference_kl,
         )
         out = self.loss_fn(inputs, **self.loss_args)
-        metrics = {name: float(value) for name, value in out.metrics.items()}
+        metrics = _detached(out.metrics)
         detached = logps.detach()
         if len(c):
-            metrics["logps/chosen"] = float(detached[c].mean())
+            metrics["logps/chosen"] = detached[c].mean()
         if len(r):
-            metrics["logps/rejected"] = float(detached[r].mean())
+            metrics["logps/rejected"] = detached[r].mean()
         if batch.paired:
             # Does the policy itself rank the pair right (mean token log-prob)? Unlike the
             # implicit reward, this is informative before training too.
             per_token = detached / lengths.detach().clamp(min=1)
-            metrics["policy/prefers_chosen"] = float((per_token[c] > per_token[r]).float().mean())
+            metrics["policy/prefers_chosen"] = (per_token[c] > per_token[r]).float().mean()
         return out.loss, metrics
 
     def score_loss(self, model, batch: SequenceBatch):
@@ -220,7 +239,7 @@ class PreferenceTrainer(TrainerHooks):
             chosen_scores=scores[c], rejected_scores=scores[r], chosen_lengths=lengths[c], rejected_lengths=lengths[r]
         )
         out = self.loss_fn(inputs, **self.loss_args)
-        return out.loss, {name: float(value) for name, value in out.metrics.items()}
+        return out.loss, _detached(out.metrics)
 
     def across_processes(self, values: torch.Tensor) -> torch.Tensor:
         """The 1-D `values` of every process, concatenated (processes may hold different counts)."""
@@ -367,7 +386,7 @@ class PreferenceTrainer(TrainerHooks):
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the loss's metrics averaged over the window
             now = time.time()
-            logs.update({name: _mean(values) for name, values in self._window.items() if values})
+            logs.update(window_means(self._window))
             if self.train_start is not None:
                 logs["elapsed_s"] = round(now - self.train_start, 3)
             if self._window_start is not None and now > self._window_start:
@@ -400,7 +419,9 @@ class PreferenceTrainer(TrainerHooks):
                 with self.autocast_smart_context_manager():
                     loss, metrics = self.batch_loss(self.model, batch)
                 n = len(batch.example_indices)
-                for name, value in {"loss": float(loss), **metrics}.items():
+                for name, value in window_means(
+                    {"loss": [loss.detach()], **{k: [v] for k, v in metrics.items()}}
+                ).items():
                     sums[name] += value * n
                     counts[name] += n
         finally:

@@ -172,3 +172,17 @@ def test_an_evaluation_scheduled_at_the_last_step_is_not_repeated(tmp_path, tiny
         m["eval_loss"] for m in read_metrics(result.output_dir) if m.get("step") == 4 and "eval_loss" in m
     )
     assert capsys.readouterr().out.count("eval @ step 4") == 1
+
+
+def test_metrics_stay_on_the_device_until_a_step_is_logged():
+    """A loss's metrics are kept as detached 0-d tensors over the logging window (no device wait per
+    metric and micro-batch) and averaged in one copy when logged: (1 + 2 + 6) / 3 = 3, (0.5 + 1) / 2."""
+    import torch
+
+    from prefopt.training.trainer import _detached, window_means
+
+    loss = torch.tensor(2.0, requires_grad=True)
+    kept = _detached({"a": loss * 3, "b": 0.5})
+    assert torch.is_tensor(kept["a"]) and not kept["a"].requires_grad and kept["b"] == 0.5
+    means = window_means({"a": [torch.tensor(1.0), torch.tensor(2.0), kept["a"]], "b": [kept["b"], 1.0], "c": []})
+    assert means == {"a": 3.0, "b": 0.75} and all(type(v) is float for v in means.values())
