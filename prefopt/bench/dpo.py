@@ -2,20 +2,32 @@
 
     python -m prefopt.bench.dpo [--steps 6] [--quick] [--rows GROUP,...] [--out runs/bench/results.md]
 
-Row groups (--rows; default: all): compare (prefopt vs TRL, fp32, at 256), checkpointing, losses,
-packing, lengths, precision (issue #15: TRL's own default, bf16 autocast; prefopt fp32, mixed bf16
-and bf16 weights with Kahan-compensated AdamW, each at 20 steps at least, with the loss after the
-last step against the fp32 run's: target <= 1.02x).
+Row groups (--rows; default: all): compare (each framework on its own default precision, then both
+in fp32, at 256: issue #20), checkpointing, losses, packing, lengths, precision (issue #15: TRL's
+own default, bf16 autocast; prefopt fp32, mixed bf16 and bf16 weights with Kahan-compensated AdamW,
+each at 20 steps at least, with the loss after the last step against the fp32 run's: target <= 1.02x).
 
-Setup (issue #5): SmolLM2-135M-Instruct, fp32, full fine-tune, online reference (a frozen copy),
-4 pairs per step, HH-RLHF harmless test pairs from ../shared/data when present (else
+Setup (issue #5): SmolLM2-135M-Instruct, full fine-tune, online reference (a frozen copy), 4 pairs
+per step, HH-RLHF harmless test pairs from ../shared/data when present (else
 data_samples/hh_style.jsonl). For a length L, the benchmark uses the longest pairs whose prompt
 plus longer completion fit in L tokens, so no framework truncates anything and both see exactly
 the same tokens; each worker runs one epoch over steps x 4 pairs with the same seed. Two more
 rows use a seeded random sample of pairs that fit 256 (mixed lengths), with and without packing.
+"Default" is what a user gets without a precision flag: prefopt's `mixed_precision: auto` (bf16
+autocast over fp32 master weights where the CPU or GPU has bf16 units, else fp32), TRL's
+DPOConfig (bf16 autocast, on a CPU too).
 
 Reported: median step time (first step excluded: warm-up), tokens/s (all tokens of the pairs
-over the summed step times), peak RSS of the worker process (VmHWM), and ratios to TRL.
+over the summed step times), peak RSS of the worker process (VmHWM), ratios to TRL, and the
+distance to the hardware: achieved TFLOP/s and its share of this machine's measured matmul peak
+in the precision the row computes in (a 2048 x 2048 matmul, best of several). A step's model FLOPs
+are counted as a plain trainer computes the pairs, the same count for every framework (prefix
+sharing computes the prompt once, so prefopt does less than it is credited with): for each pair the
+two sequences prompt+chosen and prompt+rejected, 6 N per token for the policy's forward and
+backward and 2 N for the reference's forward (N: the weights of the model's matrix multiplies,
+the output head included, the embedding lookup not), plus causal attention, 2 L d S^2 per sequence
+of length S forward (QK^T and AV over half the square; L layers, d = heads x head dim), x3 with
+backward for the policy, x1 for the reference.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefopt.bench.samples import sample_path
@@ -101,8 +114,9 @@ def _worker_prefopt(args) -> dict:
             pack=not args.no_pack,
             trim_memory=not args.no_trim_memory,
         )
-        train(config, callbacks=[timer], save_final=False)
-    return {"step_times": timer.times, "peak_rss_gb": _peak_rss_gb(), "losses": timer.losses}
+        result = train(config, callbacks=[timer], save_final=False)
+    bf16 = bool(result.trainer.args.bf16)
+    return {"step_times": timer.times, "peak_rss_gb": _peak_rss_gb(), "losses": timer.losses, "bf16": bf16}
 
 
 def _worker_trl(args) -> dict:
@@ -144,9 +158,10 @@ def _worker_trl(args) -> dict:
     return {"step_times": timer.times, "peak_rss_gb": _peak_rss_gb(), "losses": timer.losses, "bf16": trainer.args.bf16}
 
 
-def _select_pairs(max_length: int, count: int, tokenizer, longest: bool = True) -> tuple[list[dict], int]:
+def _select_pairs(max_length: int, count: int, tokenizer, longest: bool = True) -> tuple[list[dict], int, list[int]]:
     """`count` standard pairs that fit `max_length` untruncated (the longest ones, or a seeded random
-    sample: lengths as they come), and their token total."""
+    sample: lengths as they come), their token total and the lengths of their plain sequences
+    (prompt+chosen, prompt+rejected), for the FLOP count."""
     from prefopt.data import PreferenceTokenizer, load_examples
 
     source = HH if HH.exists() else sample_path("hh_style.jsonl")
@@ -157,8 +172,9 @@ def _select_pairs(max_length: int, count: int, tokenizer, longest: bool = True) 
         pair = tokenizing.pair(example, i)
         total = len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
         if total <= max_length:
-            tokens = 2 * len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
-            sized.append((total, tokens, example))
+            prompt = len(pair.prompt_ids)
+            sequences = [prompt + len(pair.chosen_ids), prompt + len(pair.rejected_ids)]
+            sized.append((total, sum(sequences), example, sequences))
     if longest:
         sized.sort(key=lambda s: -s[0])
     else:
@@ -166,8 +182,64 @@ def _select_pairs(max_length: int, count: int, tokenizer, longest: bool = True) 
     chosen = sized[:count]
     if len(chosen) < count:
         raise SystemExit(f"only {len(chosen)} pairs fit max_length {max_length}; need {count}")
-    rows = [{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected} for _, _, e in chosen]
-    return rows, sum(tokens for _, tokens, _ in chosen)
+    rows = [{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected} for _, _, e, _ in chosen]
+    return rows, sum(tokens for _, tokens, _, _ in chosen), [length for *_, lengths in chosen for length in lengths]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the FLOP count needs of the benchmark's model."""
+
+    matmul_weights: int  # N: the weights of its matrix multiplies (head included, embedding lookup not)
+    layers: int
+    attention_width: int  # heads x head dim
+
+    @classmethod
+    def of(cls, model_name: str) -> ModelShape:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from prefopt.models.hub import resolve_model
+
+        config = AutoConfig.from_pretrained(resolve_model(model_name))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        weights = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)}
+        text = config.get_text_config()
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        return cls(sum(weights.values()), text.num_hidden_layers, text.num_attention_heads * head_dim)
+
+    def step_flops(self, sequence_lengths: list[int], reference: bool = True) -> float:
+        """Model FLOPs of training on these plain sequences: policy forward + backward, and the
+        reference's forward when there is one (the module docstring has the count)."""
+        passes = 3 + (1 if reference else 0)  # forward = 1, backward = 2 for the policy; + 1 for the reference
+        tokens = sum(sequence_lengths)
+        attention = sum(2 * self.layers * self.attention_width * length**2 for length in sequence_lengths)
+        return passes * (2 * self.matmul_weights * tokens + attention)
+
+
+def matmul_peak(repeats: int = 5, size: int = 2048) -> dict[str, float]:
+    """This machine's matmul FLOP/s in fp32 and bf16 (a size x size product, best of `repeats` runs
+    of a few: the peak, not the mean, since shared machines have other load)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    peaks = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        best = float("inf")
+        for _ in range(repeats + 1):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - start) / 4)
+        peaks[name] = 2 * size**3 / best
+    return peaks
 
 
 def _run_worker(
@@ -217,49 +289,69 @@ def _run_worker(
     return result
 
 
-def _summarise(result: dict, total_tokens: int) -> dict:
+def _summarise(result: dict, total_tokens: int, flops: float | None = None, compute: str = "fp32") -> dict:
+    """A worker's figures; `flops`: the model FLOPs of all its steps (None: not counted for this row),
+    `compute`: the precision its matmuls ran in (which peak it is measured against)."""
     times = result["step_times"]
     return {
         "median_step_s": statistics.median(times[1:] if len(times) > 1 else times),
         "tokens_per_s": total_tokens / sum(times),
         "peak_rss_gb": result["peak_rss_gb"],
         "last_loss": (result.get("losses") or [None])[-1],
+        "flops_per_s": flops / sum(times) if flops else None,
+        "compute": compute,
     }
 
 
 ROW_GROUPS = ("compare", "checkpointing", "losses", "packing", "lengths", "precision")
-# Issue #15's targets for mixed bf16 on a CPU with bf16 units, against TRL's default (bf16 autocast)
+# Issue #20's targets: each framework's default path (prefopt: bf16 autocast where there are bf16 units),
+# on a CPU with AMX; both in fp32; and the loss after 20 steps of mixed bf16 against the fp32 run's.
 SPEED_TARGET, MEMORY_TARGET, LOSS_TARGET = 4.0, 0.45, 1.02
+FP32_SPEED_TARGET, FP32_MEMORY_TARGET = 2.0, 0.45
 
 
-def _precision_rows(data: Path, steps: int, tokens: int) -> tuple[list, list[str]]:
+@dataclass
+class Pairs:
+    """One data file of the benchmark: its path, token total and plain sequence lengths."""
+
+    path: Path
+    tokens: int
+    lengths: list[int]
+
+
+def _compute(result: dict, extra: tuple[str, ...]) -> str:
+    """The precision a worker's matmuls ran in: bf16 under bf16 autocast or on bf16 weights."""
+    return "bf16" if result.get("bf16") or "bfloat16" in extra else "fp32"
+
+
+def _row(kind: str, pairs: Pairs, steps: int, max_length: int, shape: ModelShape | None, **options) -> dict:
+    """Run one worker and summarise it; the FLOP count applies to DPO with an online reference."""
+    result = _run_worker(kind, pairs.path, steps, max_length, **options)
+    counted = shape is not None and options.get("loss", "dpo") == "dpo" and options.get("reference", "copy") == "copy"
+    flops = shape.step_flops(pairs.lengths) if counted else None
+    return _summarise(result, pairs.tokens, flops, _compute(result, options.get("extra", ())))
+
+
+def _precision_rows(pairs: Pairs, steps: int, shape: ModelShape | None) -> tuple[list, list[str]]:
     """Issue #15's rows, measured side by side on the same pairs and steps, and the lines that check
-    its targets. TRL runs with its own default (bf16 autocast, on a CPU too); prefopt runs fp32,
+    the loss target. TRL runs with its own default (bf16 autocast, on a CPU too); prefopt runs fp32,
     mixed bf16 (fp32 master weights, bf16 autocast) and bf16 weights with Kahan-compensated AdamW.
     "The loss after 20 steps" is the last step's loss: the same batch in every run."""
-    from prefopt.models.precision import bf16_units
 
     def prefopt(*extra: str) -> dict:
-        return _summarise(_run_worker("prefopt", data, steps, 256, extra=extra), tokens)
+        return _row("prefopt", pairs, steps, 256, shape, extra=extra)
 
-    trl = _summarise(_run_worker("trl", data, steps, 256, extra=("--trl-default",)), tokens)
+    trl = _row("trl", pairs, steps, 256, shape, extra=("--trl-default",))
     fp32 = prefopt("--mixed-precision", "no")
     mixed = prefopt("--mixed-precision", "bf16")
     low = prefopt("--dtype", "bfloat16", "--mixed-precision", "no")
     rows = [
-        ("TRL DPOTrainer, its default (bf16 autocast)", 256, trl),
-        ("prefopt dpo, fp32", 256, fp32),
-        ("prefopt dpo, mixed bf16 (fp32 master weights)", 256, mixed),
-        ("prefopt dpo, bf16 weights + Kahan AdamW", 256, low),
+        ("TRL DPOTrainer, its default (bf16 autocast)", 256, trl, "precision"),
+        ("prefopt dpo, fp32", 256, fp32, "precision"),
+        ("prefopt dpo, mixed bf16 (fp32 master weights)", 256, mixed, "precision"),
+        ("prefopt dpo, bf16 weights + Kahan AdamW", 256, low, "precision"),
     ]
-    units = bf16_units("cpu")
-    notes = [f"precision rows: {steps} steps; bf16 units: {units or 'none found'}; ratios against TRL's default"]
-    speed, memory = trl["median_step_s"] / mixed["median_step_s"], mixed["peak_rss_gb"] / trl["peak_rss_gb"]
-    applies = "" if units else " (no bf16 units on this CPU: the target does not apply)"
-    notes.append(
-        f"mixed bf16: {speed:.2f}x TRL's default step speed (target >= {SPEED_TARGET}x), "
-        f"{memory:.2f}x its peak RSS (target <= {MEMORY_TARGET}x){applies}"
-    )
+    notes = [f"precision rows: {steps} steps; ratios against TRL's default"]
     for name, row in (("mixed bf16", mixed), ("bf16 weights + Kahan", low)):
         ratio = row["last_loss"] / fp32["last_loss"]
         notes.append(
@@ -267,6 +359,39 @@ def _precision_rows(data: Path, steps: int, tokens: int) -> tuple[list, list[str
             f"{ratio:.4f}x (target <= {LOSS_TARGET}x: {'ok' if ratio <= LOSS_TARGET else 'MISSED'})"
         )
     return rows, notes
+
+
+def _target_line(what: str, ours: dict, theirs: dict, speed_target: float, memory_target: float, note: str = "") -> str:
+    speed, memory = theirs["median_step_s"] / ours["median_step_s"], ours["peak_rss_gb"] / theirs["peak_rss_gb"]
+    verdict = "ok" if speed >= speed_target and memory <= memory_target else "MISSED"
+    return (
+        f"{what}: {speed:.2f}x the step speed (target >= {speed_target}x), {memory:.2f}x the peak RSS "
+        f"(target <= {memory_target}x): {verdict}{note}"
+    )
+
+
+def _format_table(rows_out: list, peaks: dict[str, float] | None, header: str, notes: list[str]) -> str:
+    lines = [
+        header,
+        "",
+        "| run | max_length | median step (s) | tokens/s | peak RSS (GB) | step speed vs TRL | RSS vs TRL "
+        "| TFLOP/s | share of peak |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    trl_rows = {group: r for name, _, r, group in rows_out if name.startswith("TRL DPOTrainer") and group != "-"}
+    for name, length, r, group in rows_out:
+        trl = trl_rows.get(group)
+        comparable = trl is not None and length == 256 and "mixed-length" not in name
+        speed = f"{trl['median_step_s'] / r['median_step_s']:.2f}x" if comparable else "-"
+        rss = f"{r['peak_rss_gb'] / trl['peak_rss_gb']:.2f}x" if comparable else "-"
+        achieved = r.get("flops_per_s")
+        tflops = f"{achieved / 1e12:.3f}" if achieved else "-"
+        share = f"{achieved / peaks[r['compute']]:.1%} of {r['compute']}" if achieved and peaks else "-"
+        lines.append(
+            f"| {name} | {length} | {r['median_step_s']:.2f} | {r['tokens_per_s']:.0f} | "
+            f"{r['peak_rss_gb']:.2f} | {speed} | {rss} | {tflops} | {share} |"
+        )
+    return "\n".join([*lines, *([""] + notes if notes else [])])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,102 +432,107 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from prefopt.models.hub import load_tokenizer
+    from prefopt.models.precision import bf16_units
 
     tokenizer = load_tokenizer(MODEL)  # converts the packaged GGUF once, outside any timing
+    shape = ModelShape.of(MODEL)
+    peaks = matmul_peak()
     workdir = Path(tempfile.mkdtemp(prefix="prefopt-bench-"))
+    # (name, max_length, summary, the TRL row it is compared with: default | fp32 | precision | -)
     rows_out = []
 
-    def data_for(length: int, longest: bool = True, steps: int | None = None) -> tuple[Path, int]:
-        rows, tokens = _select_pairs(length, (steps or args.steps) * PAIRS_PER_STEP, tokenizer, longest)
+    def data_for(length: int, longest: bool = True, steps: int | None = None) -> Pairs:
+        rows, tokens, lengths = _select_pairs(length, (steps or args.steps) * PAIRS_PER_STEP, tokenizer, longest)
         path = workdir / f"pairs-{length}{'' if longest else '-random'}-{steps or args.steps}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return path, tokens
+        return Pairs(path, tokens, lengths)
 
-    data256, tokens256 = data_for(256)
+    def row(kind: str, pairs: Pairs, length: int = 256, **options) -> dict:
+        return _row(kind, pairs, args.steps, length, shape, **options)
+
+    data256 = data_for(256)
+    notes: list[str] = []
+    units = bf16_units("cuda" if _cuda() else "cpu")
     if "compare" in groups:
-        ours = _summarise(_run_worker("prefopt", data256, args.steps, 256), tokens256)
-        rows_out.append(("prefopt dpo", 256, ours))
+        default = row("prefopt", data256, extra=("--mixed-precision", "auto"))
+        rows_out.append(("prefopt dpo, its default (mixed_precision auto)", 256, default, "default"))
         if not args.no_trl:
-            theirs = _summarise(_run_worker("trl", data256, args.steps, 256), tokens256)
-            rows_out.append(("TRL DPOTrainer", 256, theirs))
+            trl_default = row("trl", data256, extra=("--trl-default",))
+            rows_out.append(("TRL DPOTrainer, its default (bf16 autocast)", 256, trl_default, "default"))
+        ours = row("prefopt", data256)
+        rows_out.append(("prefopt dpo, fp32", 256, ours, "fp32"))
+        if not args.no_trl:
+            theirs = row("trl", data256)
+            rows_out.append(("TRL DPOTrainer, fp32", 256, theirs, "fp32"))
+            where = f" (bf16 units: {units})" if units else " (no bf16 units here: prefopt's default is fp32)"
+            notes.append(
+                _target_line("default vs TRL's default", default, trl_default, SPEED_TARGET, MEMORY_TARGET, where)
+            )
+            notes.append(_target_line("fp32 vs TRL fp32", ours, theirs, FP32_SPEED_TARGET, FP32_MEMORY_TARGET))
     if "checkpointing" in groups:
         if not args.no_trl:  # the same memory setting on both sides, for the record
             rows_out.append(
                 (
-                    "TRL DPOTrainer, gradient checkpointing",
+                    "TRL DPOTrainer, fp32, gradient checkpointing",
                     256,
-                    _summarise(_run_worker("trl", data256, args.steps, 256, gradient_checkpointing=True), tokens256),
+                    row("trl", data256, gradient_checkpointing=True),
+                    "fp32",
                 )
             )
         rows_out.append(
             (
-                "prefopt dpo, gradient checkpointing",
+                "prefopt dpo, fp32, gradient checkpointing",
                 256,
-                _summarise(_run_worker("prefopt", data256, args.steps, 256, gradient_checkpointing=True), tokens256),
+                row("prefopt", data256, gradient_checkpointing=True),
+                "fp32",
             )
         )
     if "losses" in groups:
         for loss in OTHER_LOSSES:
             rows_out.append(
-                (
-                    f"prefopt {loss}",
-                    256,
-                    _summarise(_run_worker("prefopt", data256, args.steps, 256, loss, "auto"), tokens256),
-                )
+                (f"prefopt {loss}, fp32", 256, row("prefopt", data256, loss=loss, reference="auto"), "fp32")
             )
     if "packing" in groups:
         # Pairs of mixed lengths (a random sample) are where packing removes padding.
-        mixed, mixed_tokens = data_for(256, longest=False)
+        mixed = data_for(256, longest=False)
         for pack in (True, False):
-            rows_out.append(
-                (
-                    f"prefopt dpo, mixed-length pairs, packing {'on' if pack else 'off'}",
-                    256,
-                    _summarise(_run_worker("prefopt", mixed, args.steps, 256, pack=pack), mixed_tokens),
-                )
-            )
+            name = f"prefopt dpo, fp32, mixed-length pairs, packing {'on' if pack else 'off'}"
+            rows_out.append((name, 256, row("prefopt", mixed, pack=pack), "-"))
     if "lengths" in groups:
         for length in (512, 1024):
-            path, tokens = data_for(length)
-            rows_out.append(
-                ("prefopt dpo", length, _summarise(_run_worker("prefopt", path, args.steps, length), tokens))
-            )
-    notes: list[str] = []
+            rows_out.append(("prefopt dpo, fp32", length, row("prefopt", data_for(length), length), "-"))
     if "precision" in groups:
         precision_steps = max(args.steps, 20)
-        path, tokens = data_for(256, steps=precision_steps)
-        precision_rows, notes = _precision_rows(path, precision_steps, tokens)
+        precision_rows, precision_notes = _precision_rows(data_for(256, steps=precision_steps), precision_steps, shape)
         rows_out.extend(precision_rows)
+        notes.extend(precision_notes)
 
-    lines = [
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; torch threads default; fp32 unless named; "
-        f"{args.steps} steps x {PAIRS_PER_STEP} pairs; data: {'HH-RLHF harmless test' if HH.exists() else 'hh_style sample'}",
-        "",
-        "| run | max_length | median step (s) | tokens/s | peak RSS (GB) | step speed vs TRL | RSS vs TRL |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    fp32_trl = next((r for name, _, r in rows_out if name == "TRL DPOTrainer"), None)
-    default_trl = next((r for name, _, r in rows_out if name.startswith("TRL DPOTrainer, its default")), None)
-    precision_names = {"prefopt dpo, fp32", "prefopt dpo, mixed bf16 (fp32 master weights)"}
-    precision_names |= {"prefopt dpo, bf16 weights + Kahan AdamW", "TRL DPOTrainer, its default (bf16 autocast)"}
-    for name, length, r in rows_out:
-        # TRL ran at 256 only, on the longest pairs; the precision rows against TRL's default, on theirs
-        trl = default_trl if name in precision_names else fp32_trl
-        comparable = trl is not None and length == 256 and "mixed-length" not in name
-        speed = f"{trl['median_step_s'] / r['median_step_s']:.2f}x" if comparable else "-"
-        rss = f"{r['peak_rss_gb'] / trl['peak_rss_gb']:.2f}x" if comparable else "-"
-        lines.append(
-            f"| {name} | {length} | {r['median_step_s']:.2f} | {r['tokens_per_s']:.0f} | "
-            f"{r['peak_rss_gb']:.2f} | {speed} | {rss} |"
-        )
-    lines.extend(["", *notes] if notes else [])
-    table = "\n".join(lines)
+    device = torch_device_name()
+    header = (
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores{device}; bf16 units: {units or 'none found'}; "
+        f"matmul peak {peaks['fp32'] / 1e12:.2f} TFLOP/s fp32, {peaks['bf16'] / 1e12:.2f} TFLOP/s bf16; "
+        f"{args.steps} steps x {PAIRS_PER_STEP} pairs; data: {'HH-RLHF harmless test' if HH.exists() else 'hh_style sample'}"
+    )
+    table = _format_table(rows_out, peaks, header, notes)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table + "\n")
     print(table)
     print(f"\n(written to {out})")
     return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def torch_device_name() -> str:
+    """', GPU <name>' when the benchmark runs on a GPU, else ''."""
+    import torch
+
+    return f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
 
 
 if __name__ == "__main__":
