@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) -m prefopt.bench.dpo
 	$(PY) -m prefopt.bench.sample
 	$(PY) -m prefopt.bench.grpo
+	$(PY) -m prefopt.bench.grpo --precision default --out runs/bench/grpo-default.json
 
 # The GPU check (docs/scaling.md). On a machine with one CUDA GPU and its own torch/transformers:
 gpu-check:

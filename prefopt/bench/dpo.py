@@ -20,7 +20,8 @@ DPOConfig (bf16 autocast, on a CPU too).
 Reported: median step time (first step excluded: warm-up), tokens/s (all tokens of the pairs
 over the summed step times), peak RSS of the worker process (VmHWM), ratios to TRL, and the
 distance to the hardware: achieved TFLOP/s and its share of this machine's measured matmul peak
-in the precision the row computes in (a 2048 x 2048 matmul, best of several). A step's model FLOPs
+in the precision the row computes in (square matmuls of 1024 and 2048, the best seen over the
+whole benchmark, measured again before each row). A step's model FLOPs
 are counted as a plain trainer computes the pairs, the same count for every framework (prefix
 sharing computes the prompt once, so prefopt does less than it is credited with): for each pair the
 two sequences prompt+chosen and prompt+rejected, 6 N per token for the policy's forward and
@@ -218,28 +219,42 @@ class ModelShape:
         return passes * (2 * self.matmul_weights * tokens + attention)
 
 
-def matmul_peak(repeats: int = 5, size: int = 2048) -> dict[str, float]:
-    """This machine's matmul FLOP/s in fp32 and bf16 (a size x size product, best of `repeats` runs
-    of a few: the peak, not the mean, since shared machines have other load)."""
+def matmul_peak(repeats: int = 3, sizes: tuple[int, ...] = (1024, 2048)) -> dict[str, float]:
+    """This machine's matmul FLOP/s in fp32 and bf16: square products of a few sizes, the best of
+    `repeats` runs of each (the peak, not the mean: a shared machine's speed varies with its other
+    load by 2x and more, so the benchmark measures again before every row and keeps the best)."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peaks = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a = torch.randn(size, size, device=device, dtype=dtype)
-        b = torch.randn(size, size, device=device, dtype=dtype)
-        best = float("inf")
-        for _ in range(repeats + 1):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(4):
-                a @ b
-            if device == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, (time.perf_counter() - start) / 4)
-        peaks[name] = 2 * size**3 / best
+        best = 0.0
+        for size in sizes:
+            a = torch.randn(size, size, device=device, dtype=dtype)
+            b = torch.randn(size, size, device=device, dtype=dtype)
+            a @ b  # warm-up
+            for _ in range(repeats):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(2):
+                    a @ b
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                best = max(best, 2 * 2 * size**3 / (time.perf_counter() - start))
+        peaks[name] = best
     return peaks
+
+
+class PeakTracker:
+    """The best matmul FLOP/s seen over the whole benchmark, measured again before each row."""
+
+    def __init__(self):
+        self.peaks = {"fp32": 0.0, "bf16": 0.0}
+
+    def measure(self) -> None:
+        for name, value in matmul_peak().items():
+            self.peaks[name] = max(self.peaks[name], value)
 
 
 def _run_worker(
@@ -324,24 +339,28 @@ def _compute(result: dict, extra: tuple[str, ...]) -> str:
     return "bf16" if result.get("bf16") or "bfloat16" in extra else "fp32"
 
 
-def _row(kind: str, pairs: Pairs, steps: int, max_length: int, shape: ModelShape | None, **options) -> dict:
+def _row(
+    kind: str, pairs: Pairs, steps: int, max_length: int, shape: ModelShape | None, peak: PeakTracker | None, **options
+) -> dict:
     """Run one worker and summarise it; the FLOP count applies to DPO with an online reference."""
+    if peak is not None:
+        peak.measure()
     result = _run_worker(kind, pairs.path, steps, max_length, **options)
     counted = shape is not None and options.get("loss", "dpo") == "dpo" and options.get("reference", "copy") == "copy"
     flops = shape.step_flops(pairs.lengths) if counted else None
     return _summarise(result, pairs.tokens, flops, _compute(result, options.get("extra", ())))
 
 
-def _precision_rows(pairs: Pairs, steps: int, shape: ModelShape | None) -> tuple[list, list[str]]:
+def _precision_rows(pairs: Pairs, steps: int, shape: ModelShape | None, peak: PeakTracker) -> tuple[list, list[str]]:
     """Issue #15's rows, measured side by side on the same pairs and steps, and the lines that check
     the loss target. TRL runs with its own default (bf16 autocast, on a CPU too); prefopt runs fp32,
     mixed bf16 (fp32 master weights, bf16 autocast) and bf16 weights with Kahan-compensated AdamW.
     "The loss after 20 steps" is the last step's loss: the same batch in every run."""
 
     def prefopt(*extra: str) -> dict:
-        return _row("prefopt", pairs, steps, 256, shape, extra=extra)
+        return _row("prefopt", pairs, steps, 256, shape, peak, extra=extra)
 
-    trl = _row("trl", pairs, steps, 256, shape, extra=("--trl-default",))
+    trl = _row("trl", pairs, steps, 256, shape, peak, extra=("--trl-default",))
     fp32 = prefopt("--mixed-precision", "no")
     mixed = prefopt("--mixed-precision", "bf16")
     low = prefopt("--dtype", "bfloat16", "--mixed-precision", "no")
@@ -436,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = load_tokenizer(MODEL)  # converts the packaged GGUF once, outside any timing
     shape = ModelShape.of(MODEL)
-    peaks = matmul_peak()
+    peak = PeakTracker()
     workdir = Path(tempfile.mkdtemp(prefix="prefopt-bench-"))
     # (name, max_length, summary, the TRL row it is compared with: default | fp32 | precision | -)
     rows_out = []
@@ -448,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         return Pairs(path, tokens, lengths)
 
     def row(kind: str, pairs: Pairs, length: int = 256, **options) -> dict:
-        return _row(kind, pairs, args.steps, length, shape, **options)
+        return _row(kind, pairs, args.steps, length, shape, peak, **options)
 
     data256 = data_for(256)
     notes: list[str] = []
@@ -503,10 +522,14 @@ def main(argv: list[str] | None = None) -> int:
             rows_out.append(("prefopt dpo, fp32", length, row("prefopt", data_for(length), length), "-"))
     if "precision" in groups:
         precision_steps = max(args.steps, 20)
-        precision_rows, precision_notes = _precision_rows(data_for(256, steps=precision_steps), precision_steps, shape)
+        precision_rows, precision_notes = _precision_rows(
+            data_for(256, steps=precision_steps), precision_steps, shape, peak
+        )
         rows_out.extend(precision_rows)
         notes.extend(precision_notes)
 
+    peak.measure()
+    peaks = peak.peaks
     device = torch_device_name()
     header = (
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores{device}; bf16 units: {units or 'none found'}; "

@@ -8,7 +8,8 @@ worker starts), prompts file, reward (prefopt's registered reward; TRL calls it 
 reward function), G completions per prompt, completion budget, prompts per optimizer step
 (prefopt `batch_size` = B prompts; TRL `per_device_train_batch_size` = B x G completions, one
 generation per step), beta, epsilon 0.2, loss_type dapo, group-scaled rewards, temperature 1,
-top_p 1 and no top-k, learning rate, seed, fp32 on both sides (TRL: `bf16=False`), gradient
+top_p 1 and no top-k, learning rate, seed, fp32 on both sides (TRL: `bf16=False`; `--precision default`:
+each framework's own default, prefopt `mixed_precision: auto`, TRL's bf16 autocast), gradient
 checkpointing off on both (TRL's GRPOConfig turns it on by default; `--gradient-checkpointing`
 turns it on for both), no vLLM, a frozen reference copy when beta > 0.
 
@@ -116,7 +117,9 @@ def _worker_prefopt(args, timer: StepTimer) -> dict:
             weight_decay=0.0,
             max_grad_norm=1.0,
             dtype="float32",
-            mixed_precision="no",
+            # --precision default: prefopt's own (auto: bf16 autocast over fp32 master weights where the
+            # CPU or GPU has bf16 units); fp32: no autocast
+            mixed_precision="auto" if args.precision == "default" else "no",
             gradient_checkpointing=args.gradient_checkpointing,
             seed=SEED,
             logging_steps=1,
@@ -124,7 +127,7 @@ def _worker_prefopt(args, timer: StepTimer) -> dict:
             output_dir=out,
             overwrite=True,
         )
-        train(config, callbacks=[timer], save_final=False)
+        result = train(config, callbacks=[timer], save_final=False)
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     by_step = {row["step"]: row for row in rows if "loss" in row}
     steps = sorted(by_step)
@@ -132,6 +135,7 @@ def _worker_prefopt(args, timer: StepTimer) -> dict:
         "generation_s": [by_step[s].get("generation_s", float("nan")) for s in steps],
         "completion_length": [by_step[s].get("completion_length", float("nan")) for s in steps],
         "reward": [by_step[s].get("reward", float("nan")) for s in steps],
+        "bf16": bool(result.trainer.args.bf16),
     }
 
 
@@ -180,7 +184,8 @@ def _worker_trl(args, timer: StepTimer) -> dict:
                 weight_decay=0.0,
                 max_grad_norm=1.0,
                 max_steps=args.steps,
-                bf16=False,  # TRL's default is bf16 autocast, even on a CPU
+                # --precision default: TRL's own (GRPOConfig: bf16 autocast, even on a CPU); fp32: off
+                **({} if args.precision == "default" else {"bf16": False}),
                 gradient_checkpointing=args.gradient_checkpointing,  # TRL's default: True
                 use_vllm=False,
                 use_cpu=not cuda,
@@ -277,6 +282,7 @@ def _settings(args) -> list[str]:
         "--temperature",
         str(args.temperature),
     ]
+    out += ["--precision", args.precision]
     return out + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
 
 
@@ -321,7 +327,7 @@ def report(args, results: dict) -> dict:
             "learning_rate": args.learning_rate,
             "temperature": args.temperature,
             "gradient_checkpointing": args.gradient_checkpointing,
-            "precision": "fp32",
+            "precision": "fp32" if args.precision == "fp32" else "each framework's default precision",
         },
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version()},
         "results": results,
@@ -374,6 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning-rate", type=float, default=1e-6)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on for both trainers")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "default"],
+        default="fp32",
+        help="fp32 on both sides, or each framework's default (prefopt: auto; TRL: bf16 autocast)",
+    )
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: prefopt,trl")
     parser.add_argument("--out", default="runs/bench/grpo.json", help="where the JSON goes")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
