@@ -7,6 +7,9 @@ API does not do. The rest of prefopt calls the named functions and methods below
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 from transformers import Trainer
 
@@ -22,6 +25,30 @@ def attention_implementation(model) -> str:
         model = model.module
     config = getattr(model, "config", None)
     return getattr(config, "_attn_implementation", None) or "sdpa"
+
+
+# transformers' own switch (integrations/sdpa_attention.py, read at every attention call).
+SDPA_GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
+@contextlib.contextmanager
+def grouped_query_attention_in_sdpa(device_type: str):
+    """On a CPU, let SDPA take grouped-query attention's few key/value heads as they are.
+
+    transformers repeats each key/value head for its group of query heads (`repeat_kv`, a copy) before
+    SDPA whenever there is an attention mask, since CUDA's kernels would fall back to the slow math
+    one with both a mask and `enable_gqa`; prefix sharing always has a mask. The CPU flash kernel
+    takes masked GQA directly (bitwise the same output, tests/models/test_equivalence.py), so the
+    copies and their place among the activations kept for backward (3x the key/value heads of
+    SmolLM2) are saved. Set for the run only, on CPUs only, and put back as it was."""
+    if device_type != "cpu" or os.environ.get(SDPA_GQA_ENV) is not None:
+        yield
+        return
+    os.environ[SDPA_GQA_ENV] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(SDPA_GQA_ENV, None)
 
 
 def no_split_module_names(model: torch.nn.Module) -> set[str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from prefopt.compat import grouped_query_attention_in_sdpa
 from prefopt.config import ConfigError, TrainConfig
 from prefopt.data import (
     PreferenceCollator,
@@ -163,6 +164,7 @@ def train(config: TrainConfig, callbacks: list | None = None, save_final: bool =
     """
     with contextlib.ExitStack() as cleanup:  # releases the output folder's lock however the run ends
         cleanup.enter_context(quiet_loading_bars())
+        cleanup.enter_context(grouped_query_attention_in_sdpa(_device_type()))
         if int(os.environ.get("RANK", "0")) != 0:
             # Several processes (torchrun, accelerate): the start-up and summary lines come from the
             # main process once, not N times. Errors go to stderr, which every process keeps.

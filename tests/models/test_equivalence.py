@@ -226,3 +226,48 @@ def test_scoring_takes_only_the_last_hidden_state():
     assert not seen[-1].get("output_hidden_states") and seen[-1]["logits_to_keep"] == 1
     wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
     assert torch.equal(last_hidden_state(wrapped, kwargs), expected)  # B = 0: the base model's states
+
+
+def test_masked_grouped_query_attention_without_repeated_heads_scores_the_same():
+    """Prefix sharing's 4-D mask made transformers copy each key/value head per query head before
+    SDPA; on a CPU, prefopt lets SDPA take the grouped heads (`grouped_query_attention_in_sdpa`).
+    The shared-layout log-probs are bitwise the same and the gradients agree to fp32 rounding (the
+    kernel sums each key/value head's gradient over its group itself)."""
+    import os
+
+    from prefopt.compat import SDPA_GQA_ENV, grouped_query_attention_in_sdpa
+
+    assert SDPA_GQA_ENV not in os.environ
+    tokenizer, items = tokenized("dpo", [*PAIRS, LONG_PAIR])
+    model = tiny_llama(3).train()  # 4 query heads over 2 key/value heads
+    batch = PreferenceCollator(tokenizer.pad_token_id, share_prefix=True)(items)
+    assert batch.attention_mask.dim() == 4
+
+    key_heads = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(query, key, *args, **kwargs):
+        key_heads.append(key.shape[1])
+        return sdpa(query, key, *args, **kwargs)
+
+    def scores():
+        model.zero_grad()
+        logps, _, _ = score_completions(output_head(model), completion_states(model, batch))
+        logps.sum().backward()
+        return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    torch.nn.functional.scaled_dot_product_attention = recording_sdpa
+    try:
+        repeated, repeated_grads = scores()
+        assert set(key_heads) == {4}  # each key/value head copied for its 2 query heads
+        key_heads.clear()
+        with grouped_query_attention_in_sdpa("cpu"):
+            assert os.environ[SDPA_GQA_ENV] == "1"
+            grouped, grouped_grads = scores()
+        assert set(key_heads) == {2}  # as the model has them
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+    assert SDPA_GQA_ENV not in os.environ  # put back
+    assert torch.equal(repeated, grouped)
+    for name, grad in repeated_grads.items():
+        assert_f32_grad_close(grouped_grads[name], grad, name)
