@@ -5,7 +5,7 @@
 Row groups (--rows; default: all): compare (each framework on its own default precision, then both
 in fp32, at 256: issue #20), checkpointing, losses, packing, lengths, precision (issue #15: TRL's
 own default, bf16 autocast; prefopt fp32, mixed bf16 and bf16 weights with Kahan-compensated AdamW,
-each at 20 steps at least, with the loss after the last step against the fp32 run's: target <= 1.02x).
+each at 20 steps at least, with the loss after the last step against the fp32 run's: target within 2%).
 
 Setup (issue #5): SmolLM2-135M-Instruct, full fine-tune, online reference (a frozen copy), 4 pairs
 per step, HH-RLHF harmless test pairs from ../shared/data when present (else
@@ -219,13 +219,14 @@ class ModelShape:
         return passes * (2 * self.matmul_weights * tokens + attention)
 
 
-def matmul_peak(repeats: int = 3, sizes: tuple[int, ...] = (1024, 2048)) -> dict[str, float]:
+def matmul_peak(repeats: int = 3, sizes: tuple[int, ...] | None = None) -> dict[str, float]:
     """This machine's matmul FLOP/s in fp32 and bf16: square products of a few sizes, the best of
     `repeats` runs of each (the peak, not the mean: a shared machine's speed varies with its other
     load by 2x and more, so the benchmark measures again before every row and keeps the best)."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    sizes = sizes or ((4096, 8192) if device == "cuda" else (1024, 2048))  # a GPU needs larger ones to fill
     peaks = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         best = 0.0
@@ -321,7 +322,7 @@ def _summarise(result: dict, total_tokens: int, flops: float | None = None, comp
 ROW_GROUPS = ("compare", "checkpointing", "losses", "packing", "lengths", "precision")
 # Issue #20's targets: each framework's default path (prefopt: bf16 autocast where there are bf16 units),
 # on a CPU with AMX; both in fp32; and the loss after 20 steps of mixed bf16 against the fp32 run's.
-SPEED_TARGET, MEMORY_TARGET, LOSS_TARGET = 4.0, 0.45, 1.02
+SPEED_TARGET, MEMORY_TARGET, LOSS_TOLERANCE = 4.0, 0.45, 0.02
 FP32_SPEED_TARGET, FP32_MEMORY_TARGET = 2.0, 0.45
 
 
@@ -373,9 +374,10 @@ def _precision_rows(pairs: Pairs, steps: int, shape: ModelShape | None, peak: Pe
     notes = [f"precision rows: {steps} steps; ratios against TRL's default"]
     for name, row in (("mixed bf16", mixed), ("bf16 weights + Kahan", low)):
         ratio = row["last_loss"] / fp32["last_loss"]
+        within = abs(ratio - 1) <= LOSS_TOLERANCE
         notes.append(
             f"{name}: loss after {steps} steps {row['last_loss']:.5f} vs fp32 {fp32['last_loss']:.5f}: "
-            f"{ratio:.4f}x (target <= {LOSS_TARGET}x: {'ok' if ratio <= LOSS_TARGET else 'MISSED'})"
+            f"{ratio:.4f}x (target: within {LOSS_TOLERANCE:.0%}: {'ok' if within else 'MISSED'})"
         )
     return rows, notes
 
