@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prefopt.models.precision import autocast_dtype
+
 
 class _RMSNormFunction(torch.autograd.Function):
     """y = w * (x * rsqrt(mean(x^2) + eps)); keeps x and rsqrt(...) (one float per token)."""
@@ -99,12 +101,6 @@ class _SwiGLUFunction(torch.autograd.Function):
         return grad_x, grad_w_gate, grad_w_up, grad_w_down, None
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast would run this device's matmuls in (None: autocast is off)."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-
-
 def _use_stock(x: torch.Tensor) -> bool:
     return not torch.is_grad_enabled()
 
@@ -129,7 +125,7 @@ def _lean_swiglu_forward(self, x):
     if _use_stock(x) or _sharded(self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight):
         return self._prefopt_stock.forward(self, x)
     weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
-    return _SwiGLUFunction.apply(x, *weights, _compute_dtype(x))
+    return _SwiGLUFunction.apply(x, *weights, autocast_dtype(x.device.type))
 
 
 def _is_plain_linear(module) -> bool:

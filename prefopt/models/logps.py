@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from prefopt.compat import attention_implementation
+from prefopt.models.precision import autocast_dtype
 
 
 @dataclass
@@ -138,11 +139,6 @@ def _chunk_scores(head_weight_owner, hidden, targets, ref_hidden, ref_head):
     return token_logps, kl
 
 
-def _autocast_state(device_type: str) -> torch.dtype | None:
-    """The autocast dtype in force for `device_type` (None: autocast is off)."""
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-
-
 def _same_autocast(ctx):
     """Backward under the autocast the forward ran under (as `torch.amp.custom_bwd` does), so the
     logits it recomputes are the forward's own: softmax = exp(logits - lse) with both from one matmul."""
@@ -151,7 +147,7 @@ def _same_autocast(ctx):
 
 def _save_autocast(ctx, tensor: torch.Tensor) -> None:
     ctx.device_type = tensor.device.type
-    ctx.amp = _autocast_state(ctx.device_type)
+    ctx.amp = autocast_dtype(ctx.device_type)
 
 
 def _no_autocast(tensor: torch.Tensor):

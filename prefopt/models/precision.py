@@ -190,6 +190,11 @@ def autocast_context(args) -> torch.autocast:
     return torch.autocast(args.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs `device_type`'s matmuls in right now (None: autocast is off there)."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def frozen_weights_in_compute_dtype(model: torch.nn.Module, compute: torch.dtype) -> int:
     """Keep `model`'s frozen Linear weights in the autocast dtype; returns the bytes this saves.
 
@@ -218,7 +223,7 @@ def frozen_weights_in_compute_dtype(model: torch.nn.Module, compute: torch.dtype
         head = None
     saved = 0
     for module in model.modules():
-        if type(module) is not torch.nn.Linear or module is head:
+        if type(module) is not torch.nn.Linear:
             continue
         for param in module.parameters(recurse=False):
             plain = all(type(owner) is torch.nn.Linear and owner is not head for owner in owners[id(param)])

@@ -6,7 +6,7 @@ import sys
 
 from helpers import tiny_llama
 
-from prefopt.bench.dpo import ModelShape
+from prefopt.bench.flops import ModelShape
 
 
 def test_step_flops_by_hand():
