@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -84,9 +85,25 @@ class TrainConfig:
         default=None,
     )
     # data
-    data: list = _help("training files (.jsonl/.json/.parquet/.csv or save_to_disk folders)", default_factory=list)
-    format: str | None = _help("standard | conversational | implicit | unpaired (default: detect)", default=None)
-    eval_data: list = _help("held-out files; default: eval_fraction of data", default_factory=list)
+    data: list = _help(
+        "training data: files (.jsonl/.json/.parquet/.csv, save_to_disk folders) or hub dataset ids "
+        "(org/name[:split]), each with an optional mixture weight (FILE:0.7); in Python also a datasets.Dataset "
+        "or a list of record dicts (docs/data.md)",
+        default_factory=list,
+    )
+    format: str | None = _help(
+        "standard | conversational | implicit | unpaired | sharegpt (default: detect)", default=None
+    )
+    columns: dict = _help(
+        "prefopt's field names -> the data's, e.g. {prompt: question, chosen: good}; CLI: --columns "
+        "prompt=question,chosen=good",
+        default_factory=dict,
+    )
+    data_config: str | None = _help("the configuration (subset) of hub datasets in --data", default=None)
+    data_workers: int | None = _help(
+        "processes that tokenize a large dataset (default: the cores); the result is cached", default=None
+    )
+    eval_data: list = _help("held-out data (as --data); default: eval_fraction of data", default_factory=list)
     eval_fraction: float = _help("fraction of data held out for evaluation when eval_data is empty", default=0.0)
     max_length: int = _help("token budget of prompt + completion", default=512)
     max_prompt_length: int | None = _help("token budget of the prompt (its end is kept)", default=None)
@@ -148,7 +165,11 @@ class TrainConfig:
             raise ConfigError("load_in_4bit trains a LoRA adapter on a frozen 4-bit base: add --lora")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings as plain values; data given as Python objects is named, not copied."""
+        plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("data", "eval_data"):
+            plain[name] = [_describe_entry(entry) for entry in plain[name]]
+        return copy.deepcopy(plain)
 
     def save(self, path: Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -156,6 +177,7 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 OPTIMIZERS = ("auto", "adamw", "adamw_kahan")
@@ -191,6 +213,7 @@ _RANGES: dict[str, tuple] = {
             "lora_alpha",
             "num_generations",
             "max_new_tokens",
+            "data_workers",
         )
     },
 }
@@ -253,6 +276,8 @@ def _coerce(hint, value) -> Any:
         if isinstance(value, (str, os.PathLike)):
             return os.fspath(value)
         raise ValueError(f"expected a string{or_null}")
+    if hint is _DATA:
+        return _coerce_data(value)
     if hint is list:
         items = [value] if isinstance(value, (str, os.PathLike)) else value
         if isinstance(items, (list, tuple)) and all(isinstance(i, (str, os.PathLike)) for i in items):
@@ -263,6 +288,49 @@ def _coerce(hint, value) -> Any:
             return dict(value)
         raise ValueError("expected a mapping of NAME: VALUE")
     return value
+
+
+def _describe_entry(entry):
+    """A data entry as config.yaml can hold it: Python objects become a line that names them."""
+    if isinstance(entry, (str, dict)) and not (isinstance(entry, dict) and not isinstance(entry.get("path"), str)):
+        return entry
+    if isinstance(entry, list):
+        return f"<in memory: a list of {len(entry)} records>"
+    if isinstance(entry, dict):  # a mixture entry around a Dataset
+        return {**entry, "path": _describe_entry(entry["path"])}
+    return f"<in memory: a datasets.Dataset of {len(entry)} rows, fingerprint {getattr(entry, '_fingerprint', '?')}>"
+
+
+_DATA = object()  # the hint of data/eval_data, whose entries may be Python objects too
+
+
+def _coerce_data(value) -> list:
+    """data / eval_data: a list of entries (prefopt.data.sources): paths and hub ids as strings,
+    mixture entries as dicts, a datasets.Dataset, or a list of record dicts (kept as one entry)."""
+    from prefopt.data.sources import is_dataset, is_mixture_entry
+
+    if isinstance(value, (str, os.PathLike)) or is_dataset(value):
+        value = [value]
+    if type(value).__name__ == "DatasetDict":
+        raise ValueError("a DatasetDict holds several splits: pass one, e.g. data=dd['train']")
+    if not isinstance(value, (list, tuple)):
+        raise ValueError("expected a file, a list of files, a datasets.Dataset or a list of records")
+    if value and all(isinstance(v, dict) for v in value) and not all(is_mixture_entry(v) for v in value):
+        return [list(value)]  # records given directly: one source
+    entries = []
+    for entry in value:
+        if isinstance(entry, os.PathLike):
+            entry = os.fspath(entry)
+        if not (isinstance(entry, (str, list)) or is_dataset(entry) or is_mixture_entry(entry)):
+            raise ValueError(
+                "expected files, hub dataset ids, mixture entries {path, weight, max_samples}, Datasets or "
+                f"a list of records; entry {len(entries)} is a {type(entry).__name__}"
+            )
+        entries.append(entry)
+    return entries
+
+
+_HINTS["data"] = _HINTS["eval_data"] = _DATA
 
 
 def _check_values(config: TrainConfig) -> None:
@@ -356,7 +424,7 @@ def load_yaml(path: str | Path) -> YamlValues:
 
 
 # Mappings given on the command line one NAME=VALUE at a time: --loss-arg, --reward-arg.
-DICT_FIELDS = ("loss_args", "reward_args")
+DICT_FIELDS = ("loss_args", "reward_args")  # repeatable --loss-arg NAME=VALUE
 
 
 def flag(name: str) -> str:
@@ -395,6 +463,8 @@ def build_config(yaml_values: dict | None = None, overrides: dict | None = None)
 def field_type(name: str):
     """The plain type of a field for CLI parsing: bool, int, float, str or list."""
     hint = _HINTS[name]
+    if hint is _DATA:
+        return list
     if isinstance(hint, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return hint

@@ -125,3 +125,25 @@ def png_size(path: Path) -> tuple[int, int]:
     assert crc == zlib.crc32(data[12 : 16 + length]), "IHDR CRC"
     assert data[-12:-8] == b"\0\0\0\0" and data[-8:-4] == b"IEND", "no IEND chunk at the end"
     return struct.unpack(">II", data[16:24])
+
+
+def save_offline_hub_dataset(datasets_cache: Path, repo_id: str, splits: dict[str, Path]) -> None:
+    """Put `repo_id` in a local Hugging Face datasets cache as `load_dataset` leaves it after a
+    download (DATASETS_CACHE/org___name/default/0.0.0/HASH/), so that it loads offline: datasets'
+    json builder prepares the files, then its folders take the names of a hub download."""
+    from datasets.packaged_modules.json.json import Json
+
+    name = repo_id.split("/")[-1]
+    builder = Json(
+        cache_dir=str(datasets_cache),
+        dataset_name=name,
+        config_name="default",
+        data_files={split: str(path) for split, path in splits.items()},
+        hash="0123456789abcdef",
+    )
+    builder.download_and_prepare()
+    prepared = datasets_cache / name
+    target = datasets_cache / repo_id.replace("/", "___")
+    prepared.rename(target)
+    for config in target.glob("default-*"):  # the json builder names its config after the files
+        config.rename(target / "default")

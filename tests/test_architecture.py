@@ -23,7 +23,7 @@ PACKAGE = ROOT / "prefopt"
 
 # Bottom to top. A unit (a top-level module or a subpackage) may import units in its own layer or below.
 LAYERS = [
-    {"errors", "compat", "plugins", "distributed"},  # core: errors, private transformers APIs, user modules, votes
+    {"errors", "compat", "plugins", "distributed", "paths"},  # core: errors, private APIs, user modules, votes, cache
     {"data"},  # files -> examples -> ids -> batches
     {"config"},  # TrainConfig (validates formats against data's)
     {"losses"},  # the loss registry, one file per loss, advantage estimators

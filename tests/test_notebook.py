@@ -40,15 +40,17 @@ def test_readme_notebook_trains_twice_in_one_kernel(tmp_path, kernel_env):
     model = kernel_env
     setup = f"""
         from prefopt import train, TrainConfig
-        common = dict(model={str(model)!r}, data={str(SAMPLES / "standard.jsonl")!r}, max_steps=3,
-                      batch_size=2, learning_rate=1e-3, logging_steps=1)
+        common = dict(model={str(model)!r}, max_steps=3, batch_size=2, learning_rate=1e-3, logging_steps=1)
+        pairs = {str(SAMPLES / "standard.jsonl")!r}
     """
     first = f"""
-        result = train(TrainConfig(loss="dpo", output_dir={str(tmp_path / "run1")!r}, **common))
+        result = train(TrainConfig(loss="dpo", data=pairs, output_dir={str(tmp_path / "run1")!r}, **common))
         print("first", result.steps, result.metrics["loss"], result.final_dir.is_dir())
     """
     second = f"""
-        result2 = train(TrainConfig(loss="ipo", output_dir={str(tmp_path / "run2")!r}, **common))
+        import datasets
+        table = datasets.Dataset.from_json(pairs)  # a Dataset object, as a notebook holds one
+        result2 = train(TrainConfig(loss="ipo", data=table, output_dir={str(tmp_path / "run2")!r}, **common))
         print("second", result2.steps, result2.metrics["loss"], result2.final_dir.is_dir())
     """
     handlers = """
@@ -76,6 +78,9 @@ def test_readme_notebook_trains_twice_in_one_kernel(tmp_path, kernel_env):
         assert steps == "3" and saved == "True" and float(loss) > 0
         assert "<progress" in html(cell)  # transformers' notebook progress bar, not tqdm text
         assert "Traceback" not in text(cell)
+    assert "prefopt: train: 50 examples, token ids cached in" in text(1)
+    assert "prefopt: train: 50 examples, token ids cached in" in text(2)  # another source: another entry
+    assert "<in memory: a datasets.Dataset of 50 rows" in (tmp_path / "run2" / "config.yaml").read_text()
     run1 = [json.loads(x) for x in (tmp_path / "run1" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in run1 if "loss" in m] == [1, 2, 3]
     # the kernel's own handlers are back after each run, not prefopt's StopOnSignal

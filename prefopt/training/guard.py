@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -60,6 +59,7 @@ MAY_CHANGE = frozenset(
         "trim_memory",
         "share_prefix",
         "pack",
+        "data_workers",
         # where code is found (the loss name and its hyperparameters are compared)
         "loss_module",
         "trust_remote_code",
@@ -119,31 +119,24 @@ class RunLock:
 # -- the data fingerprint ----------------------------------------------------------------------
 
 
-def _file_digest(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+def fingerprint_sources(entries: list, config_name: str | None = None) -> list[dict]:
+    """Each data source's contents: size and SHA-256 of a file (a folder: of its files, in name
+    order), datasets' fingerprint of a hub dataset or Dataset, a digest of a list's records.
+    A path that no longer exists has none (so --resume reports the difference, not a crash)."""
+    from prefopt.data import DataError
+    from prefopt.data.sources import parse_sources, source_fingerprint
 
-
-def fingerprint_paths(paths: list[str]) -> list[dict]:
-    """Size and SHA-256 of each file (a folder: of its files, in name order)."""
     result = []
-    for name in paths:
-        path = Path(name)
-        if path.is_dir():
-            digest, size = hashlib.sha256(), 0
-            for member in sorted(p for p in path.rglob("*") if p.is_file()):
-                digest.update(f"{member.relative_to(path).as_posix()}\0{_file_digest(member)}\0".encode())
-                size += member.stat().st_size
-            result.append({"path": name, "bytes": size, "sha256": digest.hexdigest()})
-        elif path.is_file():
-            result.append({"path": name, "bytes": path.stat().st_size, "sha256": _file_digest(path)})
-        else:
-            result.append({"path": name, "bytes": None, "sha256": None})
+    for entry in entries:
+        try:
+            result += [source_fingerprint(source) for source in parse_sources([entry], config_name)]
+        except DataError:
+            result.append({"path": str(entry), "bytes": None, "sha256": None})
     return result
 
 
 def data_fingerprint(config: TrainConfig) -> dict:
-    return {name: fingerprint_paths(getattr(config, name)) for name in _BY_FINGERPRINT}
+    return {name: fingerprint_sources(getattr(config, name), config.data_config) for name in _BY_FINGERPRINT}
 
 
 def _contents(entries: list[dict]) -> list[tuple]:

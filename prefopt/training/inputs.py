@@ -2,20 +2,18 @@
 examples (pairs, singles or prompts, with a held-out split) and their token ids.
 
 `train` calls these before any model is loaded (examples) or right after the tokenizer is
-(token ids), so data mistakes are reported in seconds.
+(token ids), so data mistakes are reported in seconds. Both stages are cached on disk
+(prefopt.data.cache): a second run, a resume or another process reads them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from prefopt.config import ConfigError, TrainConfig
-from prefopt.data import (
-    PreferenceTokenizer,
-    SingleExample,
-    attach_mismatched_completions,
-    load_examples,
-    pairs_to_singles,
-    split_held_out,
-)
+from prefopt.data import DataError
+from prefopt.data.cache import build_examples, held_out_positions, mixture_indices, tokenize_table
+from prefopt.data.sources import parse_sources
 from prefopt.errors import PrefoptError
 from prefopt.losses import LossSpec
 
@@ -50,25 +48,60 @@ def choose_reference(spec: LossSpec, config: TrainConfig) -> str:
     return mode
 
 
-def prepare_examples(config: TrainConfig, spec: LossSpec):
+@dataclass
+class PreparedData:
+    """What a run trains and evaluates on, before tokenization: example tables (offline losses)
+    or prompt lists (online ones), and what reading the data found."""
+
+    train: object  # ExampleTable | list[PromptExample]
+    eval: object  # ExampleTable | list | None
+    report: object  # NormaliseReport | PromptReport
+    sources: list = field(default_factory=list)  # SourceCount per source (offline)
+    reused: bool = False  # the examples came from the data cache
+
+    def summary(self) -> dict:
+        """For summary.json: the data's sources and how many examples each gave."""
+        if not self.sources:
+            return {}
+        return {
+            "sources": [{k: v for k, v in vars(c).items() if v is not None} for c in self.sources],
+            "train_examples": len(self.train),
+            "eval_examples": len(self.eval) if self.eval is not None else 0,
+        }
+
+
+def _mixed(table) -> bool:
+    return any(c.weight is not None or c.max_samples for c in table.sources)
+
+
+def prepare_examples(config: TrainConfig, spec: LossSpec) -> PreparedData:
+    """Read, validate and cache the examples (prefopt.data.cache), apply the mixture and the split."""
     if spec.needs_rollouts:  # policy-gradient losses sample their own completions of each prompt
         return _prepare_prompts(config, spec)
-    train_examples, report = load_examples(config.data, config.format)
-    for warning in report.warnings:
+    train_table = build_examples(parse_sources(config.data, config.data_config), config.format, config.columns)
+    for warning in train_table.report.warnings:
         print(f"prefopt: data: {warning}")
-    eval_examples = []
+    if _mixed(train_table):
+        train_table = train_table.select(mixture_indices(train_table, config.seed))
+        print("prefopt: data: mixture " + ", ".join(_mixture_part(c) for c in train_table.sources))
+    eval_table = None
     if config.eval_data:
-        eval_examples, _ = load_examples(config.eval_data, config.format)
+        eval_table = build_examples(parse_sources(config.eval_data, config.data_config), config.format, config.columns)
     elif config.eval_fraction > 0:
-        train_examples, eval_examples = split_held_out(train_examples, config.eval_fraction, config.seed)
-    unpaired = isinstance(train_examples[0], SingleExample)
-    if spec.paired and unpaired:
-        raise PrefoptError(
-            f"loss '{spec.name}' needs paired data (prompt/chosen/rejected); {', '.join(config.data)} is unpaired"
-        )
-    if not spec.paired and not unpaired:
-        train_examples, eval_examples = pairs_to_singles(train_examples), pairs_to_singles(eval_examples)
-    return train_examples, eval_examples, report
+        kept, held = held_out_positions(len(train_table), config.eval_fraction, config.seed)
+        train_table, eval_table = train_table.select(kept), train_table.select(held)
+    if spec.paired and train_table.unpaired:
+        named = ", ".join(c.label for c in train_table.sources)
+        raise PrefoptError(f"loss '{spec.name}' needs paired data (prompt/chosen/rejected); {named} is unpaired")
+    if eval_table is not None and eval_table.unpaired != train_table.unpaired:
+        raise PrefoptError("eval_data and data must both be paired or both be unpaired")
+    return PreparedData(train_table, eval_table, train_table.report, train_table.sources, train_table.reused)
+
+
+def _mixture_part(count) -> str:
+    share = f" (weight {count.weight:g})" if count.weight is not None else ""
+    cap = f" (max {count.max_samples})" if count.max_samples else ""
+    return f"{count.label}: {count.used} of {count.kept}{share}{cap}"
 
 
 def _prepare_prompts(config: TrainConfig, spec: LossSpec):
@@ -84,21 +117,38 @@ def _prepare_prompts(config: TrainConfig, spec: LossSpec):
             f"loss '{spec.name}' samples completions and needs a reward to score them: pass --reward NAME"
         )
     prompts, report = load_prompts(config.data, config.format)
-    return prompts, [], report
+    return PreparedData(prompts, None, report)
 
 
-def tokenize_examples(examples: list, tokenizer, config: TrainConfig, spec: LossSpec, label: str) -> list:
+def tokenize_examples(examples, tokenizer, config: TrainConfig, spec: LossSpec, label: str, offset: int = 0):
+    """Token ids of a split: a TokenizedItems view of the cached table (offline losses; indices
+    from `offset`, which keys the reference cache) or a list of tokenized prompts (online)."""
     if spec.needs_rollouts:
         from prefopt.online.step import tokenize_prompts
 
         return tokenize_prompts(examples, tokenizer, config.max_prompt_length)
-    tokenizing = PreferenceTokenizer(tokenizer, config.max_length, config.max_prompt_length)
-    items = tokenizing.all(examples)
-    rep = tokenizing.report
+    as_singles = not spec.paired and not examples.unpaired  # paired data for an unpaired loss (KTO)
+    tokenized = tokenize_table(
+        examples, tokenizer, config.max_length, config.max_prompt_length, as_singles, config.data_workers
+    )
+    rep = tokenized.report
+    if not rep.kept:
+        raise DataError(
+            f"no example fits max_length={config.max_length}"
+            + (f" with max_prompt_length={config.max_prompt_length}" if config.max_prompt_length else "")
+            + f": all {rep.examples} were dropped; raise max_length or set max_prompt_length"
+        )
+    note = rep.ids_note()
+    if note:
+        print(f"prefopt: data: {note}")
     if rep.truncated or rep.dropped_too_long:
         print(
             f"prefopt: {label}: {rep.truncated} truncated, {rep.dropped_too_long} dropped (max_length {config.max_length})"
         )
-    if spec.needs_kl_pairs:
-        attach_mismatched_completions(items, config.max_length)
-    return items
+    print(
+        f"prefopt: {label}: {len(tokenized.items)} examples, token ids "
+        + ("read from" if tokenized.reused else "cached in")
+        + f" {tokenized.path}"
+    )
+    kl_max_length = config.max_length if spec.needs_kl_pairs else None
+    return tokenized.items.with_view(offset=offset, kl_max_length=kl_max_length)

@@ -20,13 +20,12 @@ import torch
 
 from prefopt.compat import grouped_query_attention_in_sdpa
 from prefopt.config import ConfigError, TrainConfig
-from prefopt.data import (
-    PreferenceCollator,
-)
+from prefopt.data import PreferenceCollator
+from prefopt.data.cache import ChainedItems
 from prefopt.errors import PrefoptError
 from prefopt.losses import LossSpec, get_loss, get_loss_spec
-from prefopt.models.hub import cache_root
 from prefopt.models.quiet_logs import quiet_loading_bars, quiet_tied_weight_warnings
+from prefopt.paths import cache_root
 from prefopt.plugins import import_loss_module
 from prefopt.training.guard import RunStart, begin_run
 from prefopt.training.inputs import choose_reference, prepare_examples, tokenize_examples
@@ -179,14 +178,14 @@ def _train(config: TrainConfig, callbacks: list | None, save_final: bool, cleanu
     reference_mode = choose_reference(spec, config)
     set_seed(config.seed)
     # Data errors are reported before the output folder is touched, so fixing them needs no --overwrite.
-    train_examples, eval_examples, _ = prepare_examples(config, spec)
+    data = prepare_examples(config, spec)
     start, is_main = _claim_output_dir(config)
     cleanup.enter_context(start.lock)
     output_dir = start.output_dir
     if start.finished is not None:
         return _already_finished(start)
     trainer, stopper = _build_trainer(
-        config, spec, loss_args, reference_mode, output_dir, train_examples, eval_examples, callbacks
+        config, spec, loss_args, reference_mode, output_dir, data.train, data.eval, callbacks
     )
     checkpoint = _resume_point(config, output_dir, trainer, is_main)
     has_eval = trainer.eval_dataset is not None
@@ -205,6 +204,8 @@ def _train(config: TrainConfig, callbacks: list | None, save_final: bool, cleanu
         print(f"prefopt: {stopper.received} received after the last step; the run finished and saved final/ first")
     last = next((entry for entry in reversed(trainer.state.log_history) if "loss" in entry), {})
     summary = build_summary(trainer, last, seconds, reference_mode, eval_before, eval_after)
+    if data.summary():
+        summary["data"] = data.summary()
     sharding = sharding_summary(trainer)
     if sharding:
         summary["sharding"] = sharding
@@ -274,12 +275,14 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
     optimizer = prec.choose_optimizer(config.optimizer, model)
     print(f"prefopt: precision: {precision.describe()}; optimizer {optimizer}")
     train_items = tokenize_examples(train_examples, tokenizer, config, spec, "train")
-    eval_items = tokenize_examples(eval_examples, tokenizer, config, spec, "eval") if eval_examples else []
-    for item in eval_items:  # one index space for both splits: it keys the reference cache
-        item.index += len(train_items)
+    # one index space for both splits (eval's from len(train)): it keys the reference cache
+    eval_items = (
+        tokenize_examples(eval_examples, tokenizer, config, spec, "eval", len(train_items)) if eval_examples else []
+    )
+    all_items = ChainedItems(train_items, eval_items)
     probe = torch.tensor([tokenizer("probe")["input_ids"][:4] or [tokenizer.eos_token_id]])
     use_logits = not classifier and not head_matches_model(model, probe.to(next(model.parameters()).device))
-    share_prefix = choose_share_prefix(config, spec, model, tokenizer, train_items + eval_items, use_logits)
+    share_prefix = choose_share_prefix(config, spec, model, tokenizer, all_items, use_logits)
     collator = PreferenceCollator(
         tokenizer.pad_token_id, with_kl_pairs=spec.needs_kl_pairs, share_prefix=share_prefix, pack=config.pack
     )
@@ -288,7 +291,7 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
         extra_key += f"|autocast {precision.autocast}"
     with torch.autocast(_device_type(), dtype=precision.autocast or torch.float32, enabled=bool(precision.autocast)):
         reference = _load_reference(
-            reference_mode, config, model, train_items + eval_items, collator, extra_key, use_logits, precision.autocast
+            reference_mode, config, model, all_items, collator, extra_key, use_logits, precision.autocast
         )
     if getattr(reference, "path", None):
         print(f"prefopt: reference log-probs {'reused from' if reference.reused else 'cached in'} {reference.path}")

@@ -24,6 +24,7 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import rotate_checkpoints
 
 from prefopt.compat import LengthGroupedSampler, TrainerHooks
+from prefopt.data.cache import item_lengths
 from prefopt.data.collate import PreferenceCollator, SequenceBatch
 from prefopt.distributed import any_process
 from prefopt.errors import PrefoptError
@@ -377,7 +378,7 @@ class PreferenceTrainer(TrainerHooks):
         if self.group_by_length:
             return LengthGroupedSampler(
                 self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                lengths=[item.length for item in dataset.items],
+                lengths=item_lengths(dataset.items),
             )
         return None
 

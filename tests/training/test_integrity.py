@@ -74,7 +74,11 @@ def test_every_field_is_checked_against_its_type_and_range(tmp_path):
         "eval_steps": ("10", "eval_steps: expected an integer or null, got '10'"),
         "lr_scheduler": ("cosinus", "lr_scheduler: must be one of linear, cosine, "),
         "dtype": ("fp8", "dtype: must be one of auto, float32, bfloat16, float16, got 'fp8'"),
-        "data": ([1], "data: expected a list of strings (or one string), got [1]"),
+        "data": (
+            [1],
+            "data: expected files, hub dataset ids, mixture entries {path, weight, max_samples}, "
+            "Datasets or a list of records; entry 0 is a int, got [1]",
+        ),
         "loss_args": ([0.1], "loss_args: expected a mapping of NAME: VALUE, got [0.1]"),
         "seed": (-1, "seed: must be between 0 and 2**32 - 1, got -1"),
     }
