@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(PY) -m prefopt.bench.sample
 	$(PY) -m prefopt.bench.grpo
 	$(PY) -m prefopt.bench.grpo --precision default --out runs/bench/grpo-default.json
+	$(PY) -m prefopt.bench.data --sizes 10000 100000
 
 # The GPU check (docs/scaling.md). On a machine with one CUDA GPU and its own torch/transformers:
 gpu-check:
