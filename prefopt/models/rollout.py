@@ -74,9 +74,14 @@ class SampleStats:
         return self.completion_tokens / self.seconds if self.seconds else 0.0
 
 
-def _cache_kwarg(model) -> str:
-    """transformers 5.x renamed `past_key_values` to `cache` (the old name is deprecated)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+def cache_keyword(model) -> str:
+    """transformers 5.x renamed `past_key_values` to `cache` (the old name is deprecated, to be
+    removed). Read from the causal LM's own forward: a PEFT or DDP wrapper's takes **kwargs and
+    passes them on, so its signature would say "past_key_values" for a model that wants "cache"."""
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def eos_ids(model, tokenizer) -> list[int]:
@@ -133,7 +138,7 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         position_ids=positions,
         use_cache=True,
         logits_to_keep=1,
-        **{_cache_kwarg(model): cache},
+        **{cache_keyword(model): cache},
     )
     return cache
 
@@ -150,7 +155,7 @@ def generate_batch(model, input_ids, attention_mask, n: int, config, shared_pref
     if shared_prefill and width > 1:
         cache = prefill(model, input_ids[:, :-1], attention_mask[:, :-1])
         cache.batch_repeat_interleave(n)  # the prompt's keys/values, shared by its n samples
-        extra = {_cache_kwarg(model): cache}
+        extra = {cache_keyword(model): cache}
     else:
         extra = {}  # plain: like generate(num_return_sequences=n), n copies of each prompt prefilled
     out = model.generate(

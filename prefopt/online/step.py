@@ -188,10 +188,12 @@ class Rollouts:
         )
         batch = (layout or plain_batch(groups, rows, self.tokenizer.pad_token_id)).to(device)
         batch.example_indices, batch.paired = indices, False
-        ref_tokens = reference.token_logps(model, batch) if reference is not None else None
+        # scored under the distribution they were sampled from: softmax(logits / T) (TRL does the same)
+        temperature = self.settings.temperature or 1.0
+        ref_tokens = reference.token_logps(model, batch, temperature) if reference is not None else None
         states = completion_states(model, batch, self.use_logits)
         head = torch.nn.Identity() if self.use_logits else output_head(model)
-        token_logps = completion_token_logps(head, states, self.chunk_size)
+        token_logps = completion_token_logps(head, states, self.chunk_size, temperature)
         inputs = _loss_inputs(batch, token_logps, ref_tokens, rewards, group_of, baseline_of, self.settings)
         if self.critic is not None:  # V(s_t) from the state that predicts token t (the same forward)
             inputs.token_values = self.critic(states.hidden)

@@ -182,3 +182,23 @@ def test_bench_sample_runs_both_methods(tmp_path):
         [sys.executable, "-m", "prefopt.bench.sample", *argv], capture_output=True, text=True, check=True
     ).stdout
     assert "| plain generate(num_return_sequences=2) |" in out and "| prefopt sample (shared prefill) |" in out
+
+
+def test_a_lora_model_is_prefilled_with_the_cache_keyword_of_its_base():
+    """A PEFT model's forward takes **kwargs: the keyword comes from its base causal LM ("cache" in
+    transformers 5.x; `past_key_values` is deprecated there), and its samples equal the merged
+    model's token for token (greedy)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from prefopt.models.rollout import cache_keyword
+
+    expected = "cache" if "cache" in LlamaForCausalLM.forward.__code__.co_varnames else "past_key_values"
+    torch.manual_seed(1)
+    peft_model = get_peft_model(tiny_llama(0), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    assert cache_keyword(peft_model) == cache_keyword(tiny_llama(0)) == expected
+    tok, settings = byte_tokenizer(), SampleSettings(num_samples=2, max_new_tokens=6, temperature=0, batch_size=2)
+    with torch.no_grad():
+        adapted = sample_prompts(peft_model.eval(), tok, PROMPTS[:2], settings)
+        merged = sample_prompts(peft_model.merge_and_unload().eval(), tok, PROMPTS[:2], settings)
+    assert [g.completion_ids for g in adapted] == [g.completion_ids for g in merged]
