@@ -67,7 +67,28 @@ class SampleStats:
     finished: int = 0
     seconds: float = 0.0
     prefill_tokens: int = 0  # prompt tokens run through the model (shared: once per prompt)
+    empty: int = 0  # completions with no text (the model ended at once, or wrote only spaces)
+    plain_prompts: int = 0  # prompts given as text, not messages
     extra: dict = field(default_factory=dict)
+
+    def empty_warning(self, chat_model: bool) -> str | None:
+        """One line when most completions are empty, with the likely cause; None otherwise."""
+        return empty_completions_warning(self.empty, self.completions, self.plain_prompts == self.prompts, chat_model)
+
+
+def empty_completions_warning(empty: int, total: int, plain_prompts: bool, chat_model: bool) -> str | None:
+    """Most completions empty: say so, and why it usually happens. A chat model given plain text
+    (no chat template applied) often answers with its end-of-turn token at once: pass the prompts
+    as messages, [{"role": "user", "content": ...}], so its template is applied."""
+    if not total or empty * 2 < total:
+        return None
+    text = f"{empty} of {total} completions are empty (the model ended at once)"
+    if plain_prompts and chat_model:
+        text += (
+            "; the prompts are plain text and this model has a chat template: give them as messages "
+            '([{"role": "user", "content": ...}]) so the template is applied'
+        )
+    return text
 
     @property
     def tokens_per_s(self) -> float:
@@ -206,11 +227,13 @@ def sample_prompts(
             finished = [k[1] for k in kept]
             texts = [tokenizer.decode(t[:-1] if f else t) for t, f in zip(ids, finished, strict=True)]
             results.append(Samples(prompt_ids, ids, texts, finished))
+            stats.empty += sum(not text.strip() for text in texts)
             stats.completion_tokens += sum(map(len, ids))
             stats.finished += sum(finished)
     stats.seconds += time.perf_counter() - started
     stats.prompts += len(rows)
     stats.completions += len(rows) * n
+    stats.plain_prompts += sum(isinstance(p.prompt if isinstance(p, PromptExample) else p, str) for p in prompts)
     return results
 
 

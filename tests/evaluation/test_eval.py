@@ -180,7 +180,9 @@ def test_a_judges_win_rate_needs_no_answer_column(two_models, tmp_path):
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in texts))
     settings = SampleSettings(num_samples=1, max_new_tokens=6, temperature=0.0)
     judge = get_reward("judge", model=reference_dir)
-    result = evaluate(policy_dir, reference=reference_dir, prompts=[str(prompts)], reward=judge, sample_settings=settings)
+    result = evaluate(
+        policy_dir, reference=reference_dir, prompts=[str(prompts)], reward=judge, sample_settings=settings
+    )
     generation = result["generation"]
     answers = {}
     for name, folder in (("policy", policy_dir), ("reference", reference_dir)):

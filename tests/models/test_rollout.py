@@ -202,3 +202,28 @@ def test_a_lora_model_is_prefilled_with_the_cache_keyword_of_its_base():
         adapted = sample_prompts(peft_model.eval(), tok, PROMPTS[:2], settings)
         merged = sample_prompts(peft_model.merge_and_unload().eval(), tok, PROMPTS[:2], settings)
     assert [g.completion_ids for g in adapted] == [g.completion_ids for g in merged]
+
+
+def test_most_completions_empty_is_said_with_its_likely_cause(smollm2_tokenizer):
+    """A model that answers EOS at once (its head pinned to EOS): every completion is empty and
+    counted; the warning names the cause when the prompts are plain text to a chat model."""
+    from prefopt.models.rollout import empty_completions_warning
+
+    model, tok = tiny_llama(0), byte_tokenizer()
+    head = torch.nn.Linear(64, 259, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[tok.eos_token_id] = 50.0
+    model.lm_head = head
+    stats = SampleStats()
+    sample_prompts(model, tok, PROMPTS, SampleSettings(num_samples=2, max_new_tokens=4, batch_size=4), stats)
+    assert (stats.empty, stats.completions, stats.plain_prompts) == (8, 8, 4)
+    assert stats.empty_warning(chat_model=True) == (
+        "8 of 8 completions are empty (the model ended at once); the prompts are plain text and this model has a "
+        'chat template: give them as messages ([{"role": "user", "content": ...}]) so the template is applied'
+    )
+    assert empty_completions_warning(8, 8, plain_prompts=False, chat_model=True) == (
+        "8 of 8 completions are empty (the model ended at once)"
+    )
+    assert empty_completions_warning(3, 8, plain_prompts=True, chat_model=True) is None  # most are not empty

@@ -43,7 +43,9 @@ def test_token_logps_divide_the_logits_by_the_temperature_on_every_head_path():
             for got, what in ((fused, "fused"), (logits, "logits"), (module, "biased head")):
                 assert_f32_close(got, expected, what=f"{what} at T={temperature}")
         # and they differ: T = 0.5 sharpens the distribution, so the scores are not T = 1's
-        assert (completion_token_logps(output_head(model), states, temperature=0.5) - _expected(model, batch, 1.0)).abs().max() > 0.01
+        assert (
+            completion_token_logps(output_head(model), states, temperature=0.5) - _expected(model, batch, 1.0)
+        ).abs().max() > 0.01
 
 
 def test_rollouts_hand_the_loss_log_probs_at_the_sampling_temperature():

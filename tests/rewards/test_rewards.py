@@ -206,7 +206,9 @@ def test_implicit_reward_of_a_lora_run_with_a_reference_model_uses_that_referenc
     get_peft_model(tiny_llama(0), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(run / "final")
     byte_tokenizer().save_pretrained(run / "final")
     scores = get_reward("implicit", run=str(run))(["Q: 2+2?"], [" 4"])
-    expected = 0.1 * (_completion_logp(tiny_llama(0), "Q: 2+2?", " 4") - _completion_logp(tiny_llama(2), "Q: 2+2?", " 4"))
+    expected = 0.1 * (
+        _completion_logp(tiny_llama(0), "Q: 2+2?", " 4") - _completion_logp(tiny_llama(2), "Q: 2+2?", " 4")
+    )
     assert abs(expected) > 1e-3 and scores == pytest.approx([expected], abs=1e-4)
 
 
@@ -221,7 +223,9 @@ def test_implicit_reward_cuts_long_prompts_as_training_did(tmp_path):
     save_tiny_model(run / "final", seed=1)
     prompt = "A long question that runs past 32 bytes?"
     (score,) = get_reward("implicit", run=str(run))([prompt], [" yes"])
-    expected = _completion_logp(tiny_llama(1), prompt[-8:], " yes") - _completion_logp(tiny_llama(0), prompt[-8:], " yes")
+    expected = _completion_logp(tiny_llama(1), prompt[-8:], " yes") - _completion_logp(
+        tiny_llama(0), prompt[-8:], " yes"
+    )
     assert score is not None and score == pytest.approx(expected, abs=1e-4)
 
 
@@ -277,7 +281,10 @@ def test_judge_reads_the_letter_token_that_follows_its_question(smollm2_tokenize
     spaced = [tok(" A", add_special_tokens=False)["input_ids"], tok(" B", add_special_tokens=False)["input_ids"]]
     assert all(len(ids) == 1 for ids in spaced)
     assert letter_ids(plain) == [ids[0] for ids in spaced]
-    assert letter_ids(tok) == [tok("A", add_special_tokens=False)["input_ids"][0], tok("B", add_special_tokens=False)["input_ids"][0]]
+    assert letter_ids(tok) == [
+        tok("A", add_special_tokens=False)["input_ids"][0],
+        tok("B", add_special_tokens=False)["input_ids"][0],
+    ]
     assert letter_ids(tok) != letter_ids(plain)
     # the byte tokenizer has no " A" token: it keeps "A"
     assert letter_ids(byte_tokenizer()) == [byte_tokenizer()("A", add_special_tokens=False)["input_ids"][0],
