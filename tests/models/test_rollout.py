@@ -204,7 +204,7 @@ def test_a_lora_model_is_prefilled_with_the_cache_keyword_of_its_base():
     assert [g.completion_ids for g in adapted] == [g.completion_ids for g in merged]
 
 
-def test_most_completions_empty_is_said_with_its_likely_cause(smollm2_tokenizer):
+def test_most_completions_empty_is_said_with_its_likely_cause():
     """A model that answers EOS at once (its head pinned to EOS): every completion is empty and
     counted; the warning names the cause when the prompts are plain text to a chat model."""
     from prefopt.models.rollout import empty_completions_warning
