@@ -51,7 +51,7 @@ def test_user_reward_module_with_arguments(tmp_path):
 
             @register_reward("test_nan_is_unscorable")
             def nan(prompts, completions, **columns):
-                return [float("nan"), True]
+                return [float("nan"), True, float("inf"), -float("inf")]
             """
         )
     )
@@ -61,7 +61,7 @@ def test_user_reward_module_with_arguments(tmp_path):
         get_reward("test_wrong_count")(["p", "q"], ["a", "b"])
     with pytest.raises(RewardError, match="reward 'test_not_a_number': score 0 is not a number: 'good'"):
         get_reward("test_not_a_number")(["p"], ["a"])
-    assert get_reward("test_nan_is_unscorable")(["p", "q"], ["a", "b"]) == [None, 1.0]
+    assert get_reward("test_nan_is_unscorable")(["p"] * 4, ["a", "b", "c", "d"]) == [None, 1.0, None, None]
     with pytest.raises(RewardError, match="has no argument 'scal'"):
         get_reward("test_length", scal=2)
     with pytest.raises(Exception, match="--reward-module: file not found"):
