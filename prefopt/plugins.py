@@ -6,9 +6,21 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+import traceback
 from pathlib import Path
 
 from prefopt.errors import PrefoptError
+
+
+def _failing_line(error: Exception, resolved: str, shown: str) -> str:
+    """'FILE:LINE: Error: message' for an exception raised while importing the file `resolved`:
+    the syntax error's own line, else the deepest frame of the traceback in that file."""
+    line = error.lineno if isinstance(error, SyntaxError) and error.filename == resolved else None
+    if line is None:
+        frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == resolved]
+        line = frames[-1].lineno if frames else None
+    message = error.msg if isinstance(error, SyntaxError) else str(error)
+    return f"{shown}{f':{line}' if line else ''}: {type(error).__name__}: {message}"
 
 
 def import_loss_module(name_or_path: str) -> None:
@@ -27,7 +39,11 @@ def import_loss_module(name_or_path: str) -> None:
         spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as error:  # the user's code failed: where, and why, in one line
+            del sys.modules[module_name]  # not half-imported: a fixed file is imported again
+            raise PrefoptError(f"--loss-module {_failing_line(error, resolved, name_or_path)}") from None
         return
     try:
         importlib.import_module(name_or_path)

@@ -50,6 +50,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         f"prefopt: {stats.completions} completions of {stats.prompts} prompts in {stats.seconds:.1f}s "
         f"({stats.tokens_per_s:.0f} completion tokens/s), {stats.finished} ended with EOS -> {args.output}"
     )
+    warning = stats.empty_warning(chat_model=bool(getattr(tokenizer, "chat_template", None)))
+    if warning:
+        print(f"prefopt: warning: {warning}")
     if rewards is not None:
         scored = [r for group in rewards for r in group if r is not None]
         mean = sum(scored) / len(scored) if scored else float("nan")

@@ -225,15 +225,29 @@ def _mean(values) -> float | None:
     return sum(kept) / len(kept) if kept else None
 
 
+def _absolute_rewards(reward, prompts: list, samples: list, score_samples) -> list | None:
+    """Each completion's reward. A pairwise judge scores one completion against a column (its
+    `against`); when the prompts carry none, only the comparison of the two models' answers (the
+    win rate) is measured, and the mean rewards are left out (None)."""
+    from prefopt.rewards.registry import RewardError
+
+    try:
+        return score_samples(reward, prompts, samples)[0]
+    except RewardError:
+        if reward.compare is None:
+            raise
+        return None
+
+
 def generation_metrics(policy, reference, tokenizer, prompts: list, reward, settings) -> dict:
     """Both models answer `prompts`; mean rewards, the policy's win rate, lengths and one example."""
     from prefopt.models.rollout import sample_prompts, score_samples
 
     policy_samples = sample_prompts(policy, tokenizer, prompts, settings)
     reference_samples = sample_prompts(reference, tokenizer, prompts, settings)
-    policy_rewards, _ = score_samples(reward, prompts, policy_samples)
-    reference_rewards, _ = score_samples(reward, prompts, reference_samples)
-    flat = lambda groups: [x for group in groups for x in group]  # noqa: E731
+    policy_rewards = _absolute_rewards(reward, prompts, policy_samples, score_samples)
+    reference_rewards = _absolute_rewards(reward, prompts, reference_samples, score_samples)
+    flat = lambda groups: [x for group in groups for x in group] if groups is not None else []  # noqa: E731
     if reward.compare is not None:  # a pairwise judge: P(policy's answer beats the reference's)
         rows = [(p, a, b) for p, ga, gb in zip(prompts, policy_samples, reference_samples, strict=True)
                 for a, b in zip(ga.completions, gb.completions, strict=True)]  # fmt: skip

@@ -325,14 +325,14 @@ def battle(samples: list[Scored], references: list[tuple[str | None, float | Non
         if any(samples[s].rewards is None for s, _, _ in rows):
             raise PrefoptError("--against with a pointwise reward needs the samples' rewards: sample with --reward")
         given = [references[s][1] for s, _, _ in rows]
-        if any(g is None for g in given):
-            if reward is None:
-                raise PrefoptError(
-                    "--against: the reference answers have no rewards; give pairs a --reward to score them"
-                )
+        if reward is not None:
+            # --reward rescored the samples: the references are scored by it too, never compared by
+            # the rewards stored in another samples file (perhaps another reward's, on another scale)
             names = {name for s, _, _ in rows for name in samples[s].columns}
             columns = {name: [samples[s].columns.get(name) for s, _, _ in rows] for name in sorted(names)}
             given = reward(prompts, theirs, **columns)
+        elif any(g is None for g in given):
+            raise PrefoptError("--against: the reference answers have no rewards; give pairs a --reward to score them")
         scores = [(samples[s].rewards[i], g) for (s, i, _), g in zip(rows, given, strict=True)]
     for (s, i, reference), (own, other) in zip(rows, scores, strict=True):
         if own is None or other is None:

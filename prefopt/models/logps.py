@@ -401,19 +401,44 @@ def score_completions(
     return logps, lengths, kl
 
 
-def completion_token_logps(head: torch.nn.Module, states: CompletionStates, chunk_size: int = 1024) -> torch.Tensor:
+class _Tempered(torch.nn.Module):
+    """A head whose logits are divided by a sampling temperature (a head with a bias, or another module)."""
+
+    def __init__(self, head: torch.nn.Module, temperature: float):
+        super().__init__()
+        self.head, self.temperature = head, temperature
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden) / self.temperature
+
+
+def completion_token_logps(
+    head: torch.nn.Module, states: CompletionStates, chunk_size: int = 1024, temperature: float = 1.0
+) -> torch.Tensor:
     """The log-prob of each completion token (K,), chunked as `score_completions` (policy-gradient
-    losses weight each token by its own advantage)."""
+    losses weight each token by its own advantage).
+
+    `temperature`: the log-probs under the distribution the tokens were sampled from,
+    log softmax(logits / T), as TRL's GRPOTrainer scores its samples (`selective_log_softmax` of
+    `logits / self.temperature`, for the policy and the reference alike). For a bias-free linear
+    head (and for logits) the states are divided instead: W (h / T) = (W h) / T, so the fused
+    path still serves it."""
+    hidden = states.hidden
+    if temperature != 1.0:
+        if isinstance(head, torch.nn.Identity) or (type(head) is torch.nn.Linear and head.bias is None):
+            hidden = hidden / temperature
+        else:
+            head = _Tempered(head, temperature)
     weight = _fused_weight(head)
     if weight is not None:
-        return _LinearHeadLogps.apply(states.hidden, weight, states.targets, chunk_size)
-    grad = torch.is_grad_enabled() and states.hidden.requires_grad
+        return _LinearHeadLogps.apply(hidden, weight, states.targets, chunk_size)
+    grad = torch.is_grad_enabled() and hidden.requires_grad
     pieces = []
-    for start in range(0, states.hidden.shape[0], chunk_size):
-        args = (head, states.hidden[start : start + chunk_size], states.targets[start : start + chunk_size], None, None)
+    for start in range(0, hidden.shape[0], chunk_size):
+        args = (head, hidden[start : start + chunk_size], states.targets[start : start + chunk_size], None, None)
         # with gradients, each chunk's logits are recomputed in backward instead of kept
         pieces.append((checkpoint(_chunk_scores, *args, use_reentrant=False) if grad else _chunk_scores(*args))[0])
-    return torch.cat(pieces) if pieces else torch.zeros(0, device=states.hidden.device)
+    return torch.cat(pieces) if pieces else torch.zeros(0, device=hidden.device)
 
 
 def score_model(

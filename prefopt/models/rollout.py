@@ -67,16 +67,42 @@ class SampleStats:
     finished: int = 0
     seconds: float = 0.0
     prefill_tokens: int = 0  # prompt tokens run through the model (shared: once per prompt)
+    empty: int = 0  # completions with no text (the model ended at once, or wrote only spaces)
+    plain_prompts: int = 0  # prompts given as text, not messages
     extra: dict = field(default_factory=dict)
+
+    def empty_warning(self, chat_model: bool) -> str | None:
+        """One line when most completions are empty, with the likely cause; None otherwise."""
+        return empty_completions_warning(self.empty, self.completions, self.plain_prompts == self.prompts, chat_model)
+
+
+def empty_completions_warning(empty: int, total: int, plain_prompts: bool, chat_model: bool) -> str | None:
+    """Most completions empty: say so, and why it usually happens. A chat model given plain text
+    (no chat template applied) often answers with its end-of-turn token at once: pass the prompts
+    as messages, [{"role": "user", "content": ...}], so its template is applied."""
+    if not total or empty * 2 < total:
+        return None
+    text = f"{empty} of {total} completions are empty (the model ended at once)"
+    if plain_prompts and chat_model:
+        text += (
+            "; the prompts are plain text and this model has a chat template: give them as messages "
+            '([{"role": "user", "content": ...}]) so the template is applied'
+        )
+    return text
 
     @property
     def tokens_per_s(self) -> float:
         return self.completion_tokens / self.seconds if self.seconds else 0.0
 
 
-def _cache_kwarg(model) -> str:
-    """transformers 5.x renamed `past_key_values` to `cache` (the old name is deprecated)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+def cache_keyword(model) -> str:
+    """transformers 5.x renamed `past_key_values` to `cache` (the old name is deprecated, to be
+    removed). Read from the causal LM's own forward: a PEFT or DDP wrapper's takes **kwargs and
+    passes them on, so its signature would say "past_key_values" for a model that wants "cache"."""
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def eos_ids(model, tokenizer) -> list[int]:
@@ -133,7 +159,7 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         position_ids=positions,
         use_cache=True,
         logits_to_keep=1,
-        **{_cache_kwarg(model): cache},
+        **{cache_keyword(model): cache},
     )
     return cache
 
@@ -150,7 +176,7 @@ def generate_batch(model, input_ids, attention_mask, n: int, config, shared_pref
     if shared_prefill and width > 1:
         cache = prefill(model, input_ids[:, :-1], attention_mask[:, :-1])
         cache.batch_repeat_interleave(n)  # the prompt's keys/values, shared by its n samples
-        extra = {_cache_kwarg(model): cache}
+        extra = {cache_keyword(model): cache}
     else:
         extra = {}  # plain: like generate(num_return_sequences=n), n copies of each prompt prefilled
     out = model.generate(
@@ -201,11 +227,13 @@ def sample_prompts(
             finished = [k[1] for k in kept]
             texts = [tokenizer.decode(t[:-1] if f else t) for t, f in zip(ids, finished, strict=True)]
             results.append(Samples(prompt_ids, ids, texts, finished))
+            stats.empty += sum(not text.strip() for text in texts)
             stats.completion_tokens += sum(map(len, ids))
             stats.finished += sum(finished)
     stats.seconds += time.perf_counter() - started
     stats.prompts += len(rows)
     stats.completions += len(rows) * n
+    stats.plain_prompts += sum(isinstance(p.prompt if isinstance(p, PromptExample) else p, str) for p in prompts)
     return results
 
 

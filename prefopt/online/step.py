@@ -29,6 +29,7 @@ from prefopt.models.logps import completion_states, completion_token_logps, outp
 from prefopt.models.rollout import (
     Samples,
     SampleSettings,
+    empty_completions_warning,
     generate_batch,
     generation_config,
     left_pad,
@@ -128,6 +129,7 @@ class Rollouts:
         self.pack = pack
         self.chunk_size = chunk_size
         self.use_logits = use_logits
+        self._warned_empty = False  # the empty-completions warning is said once per run
 
     @torch.no_grad()
     def sample(self, model, items: list[PromptItem], settings: SampleSettings) -> list[Samples]:
@@ -150,6 +152,16 @@ class Rollouts:
             texts = [self.tokenizer.decode(t[:-1] if f else t) for t, (_, f) in zip(ids, kept, strict=True)]
             out.append(Samples(item.prompt_ids, ids, texts, [k[1] for k in kept]))
         return out
+
+    def _warn_if_empty(self, empty: int, total: int, prompts: list) -> None:
+        """Once per run: most completions of a micro-batch were empty (and the likely cause)."""
+        if self._warned_empty:
+            return
+        plain = all(isinstance(p.prompt, str) for p in prompts)
+        warning = empty_completions_warning(empty, total, plain, bool(getattr(self.tokenizer, "chat_template", None)))
+        if warning:
+            self._warned_empty = True
+            print(f"prefopt: warning: {warning}")
 
     def __call__(self, model, items: list[PromptItem], loss_fn, loss_args: dict, reference=None):
         """(loss, metrics, batch) for one micro-batch of prompts; the batch's example_indices are the
@@ -176,7 +188,14 @@ class Rollouts:
             baseline_of += [baselines[i]] * len(kept)
             indices.append(items[i].index)
         device = next(model.parameters()).device
-        metrics = {"unscorable": float(unscorable), "generation_s": generation_s}
+        texts = [text for group in samples for text in group.completions]
+        empty = sum(not text.strip() for text in texts)
+        metrics = {
+            "unscorable": float(unscorable),
+            "generation_s": generation_s,
+            "empty_completions": empty / len(texts),
+        }
+        self._warn_if_empty(empty, len(texts), prompts)
         # Nothing to learn from in some process: every process skips this micro-batch together. A
         # process that skipped alone would run no forward, and under DDP the others would wait in
         # the gradient all-reduce for it (DESIGN §7). No gradient this micro-batch, anywhere.
@@ -188,10 +207,12 @@ class Rollouts:
         )
         batch = (layout or plain_batch(groups, rows, self.tokenizer.pad_token_id)).to(device)
         batch.example_indices, batch.paired = indices, False
-        ref_tokens = reference.token_logps(model, batch) if reference is not None else None
+        # scored under the distribution they were sampled from: softmax(logits / T) (TRL does the same)
+        temperature = self.settings.temperature or 1.0
+        ref_tokens = reference.token_logps(model, batch, temperature) if reference is not None else None
         states = completion_states(model, batch, self.use_logits)
         head = torch.nn.Identity() if self.use_logits else output_head(model)
-        token_logps = completion_token_logps(head, states, self.chunk_size)
+        token_logps = completion_token_logps(head, states, self.chunk_size, temperature)
         inputs = _loss_inputs(batch, token_logps, ref_tokens, rewards, group_of, baseline_of, self.settings)
         if self.critic is not None:  # V(s_t) from the state that predicts token t (the same forward)
             inputs.token_values = self.critic(states.hidden)

@@ -2,8 +2,9 @@
 
 DPO's policy defines the reward it was trained to prefer (Rafailov et al. 2023, Eq. 5, up to
 a per-prompt constant that cancels in any comparison of completions of one prompt). pi is the
-run's final/, pi_ref the model the run started from (for a LoRA run: the same model with its
-adapter switched off), beta the run's own. Completions are tokenized exactly as the run's
+run's final/, pi_ref the reference it was trained against: its --reference-model when it named
+one, else the model it started from (for a LoRA run: the same model with its adapter switched
+off), beta the run's own. Completions are tokenized exactly as the run's
 training tokenized them (prefopt's tokenizer, one EOS), and scored by the same log-prob code.
 """
 
@@ -49,18 +50,24 @@ class ImplicitReward:
         config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
         self.beta = run_beta(config) if beta is None else float(beta)
         final = str(folder / "final")
-        self.adapter = is_adapter(final)
-        if self.adapter:  # one model: the reference is the policy with its adapter disabled
+        if is_adapter(final):
             from peft import PeftModel
 
             base, self.tokenizer = load_for_inference(config["model"], dtype=dtype)
             self.policy = PeftModel.from_pretrained(base, final).eval()
-            self.reference = None
         else:
             self.policy, self.tokenizer = load_for_inference(final, dtype=dtype)
-            # a run trained against another fixed reference names it (iterative rounds); else its start
-            self.reference, _ = load_for_inference(config.get("reference_model") or config["model"], dtype=dtype)
-        self.tokenizing = PreferenceTokenizer(self.tokenizer, int(config.get("max_length", 512)))
+        # The reference the run was trained against: --reference-model when it named one (every
+        # iterative round names pi_0, LoRA rounds too), else its start, which for a LoRA run is the
+        # policy with its adapter disabled (None: no second model).
+        named = config.get("reference_model")
+        self.reference = None
+        if named or not is_adapter(final):
+            self.reference, _ = load_for_inference(named or config["model"], dtype=dtype)
+        # tokenized as the run's training tokenized: its budgets, the prompt cut to its end
+        self.tokenizing = PreferenceTokenizer(
+            self.tokenizer, int(config.get("max_length", 512)), config.get("max_prompt_length")
+        )
         self.collate = PreferenceCollator(self.tokenizer.pad_token_id)
         self.batch_size = batch_size
         self.device = next(self.policy.parameters()).device
@@ -86,7 +93,7 @@ class ImplicitReward:
             rows = kept[start : start + self.batch_size]
             batch = self.collate([items[i] for i in rows]).to(self.device)
             policy = self._logps(self.policy, batch)
-            if self.adapter:
+            if self.reference is None:
                 with self.policy.disable_adapter():
                     reference = self._logps(self.policy, batch)
             else:

@@ -32,6 +32,24 @@ def as_text(value) -> str:
     return str(value)
 
 
+def letter_ids(tokenizer) -> list[int]:
+    """The tokens of "A" and "B" as the judge's next token. After a chat template's assistant
+    header the answer starts a fresh turn: "A". Without a template the question ends "Answer:",
+    after which a BPE tokenizer's natural next token is " A" (one token, with its space): read
+    that one when the tokenizer has it, else "A"."""
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    out = []
+    for letter in ("A", "B"):
+        spaced = tokenizer(" " + letter, add_special_tokens=False)["input_ids"]
+        ids = spaced if not chat and len(spaced) == 1 else tokenizer(letter, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise RewardError(f"judge: the tokenizer has no token for '{letter}'")
+        out.append(ids[0])
+    if out[0] == out[1]:
+        raise RewardError("judge: the tokenizer gives 'A' and 'B' the same first token")
+    return out
+
+
 @register_reward("judge")
 class Judge:
     """A local causal LM judges completion vs the column `against`, both orders averaged: P(completion wins)."""
@@ -41,14 +59,8 @@ class Judge:
 
         self.model, self.tokenizer = load_for_inference(model, dtype=dtype)
         self.against, self.batch_size = against, batch_size
-        self.letters = [self._letter_id(letter) for letter in ("A", "B")]
+        self.letters = letter_ids(self.tokenizer)
         self.device = next(self.model.parameters()).device
-
-    def _letter_id(self, letter: str) -> int:
-        ids = self.tokenizer(letter, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise RewardError(f"judge: the tokenizer has no token for '{letter}'")
-        return ids[0]
 
     def _question_ids(self, prompt, a, b) -> list[int]:
         text = QUESTION.format(prompt=as_text(prompt), a=as_text(a), b=as_text(b))

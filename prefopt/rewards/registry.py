@@ -106,7 +106,7 @@ class Reward:
     """A registered reward, configured and ready: `reward(prompts, completions, **columns)`.
 
     Checks its inputs (equal lengths, required columns) and its result (one finite number or
-    None per completion; NaN counts as None). `compare(prompts, a, b, **columns)` is there
+    None per completion; NaN and inf count as None: unscorable). `compare(prompts, a, b, **columns)` is there
     when the reward judges two answers at once (the `judge`): the probability that `a` wins.
     """
 
@@ -173,9 +173,9 @@ def check_scores(name: str, scores: Any, expected: int) -> list[float | None]:
         if not isinstance(score, numbers.Real):  # bools count: True is 1.0
             raise RewardError(f"reward '{name}': score {i} is not a number: {score!r}")
         score = float(score)
-        if math.isinf(score):
-            raise RewardError(f"reward '{name}': score {i} is {score}")
-        out.append(None if math.isnan(score) else score)
+        # NaN or inf: that completion is unscorable (dropped and counted), never a NaN loss or a
+        # non-JSON number in a samples file; the run goes on
+        out.append(score if math.isfinite(score) else None)
     return out
 
 

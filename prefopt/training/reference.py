@@ -72,12 +72,13 @@ class ModelReference:
         return logps, (states if keep_states else None), head
 
     @torch.no_grad()
-    def token_logps(self, policy, batch: SequenceBatch) -> torch.Tensor:
-        """The reference's log-prob of each completion token (K,): policy-gradient losses' per-token KL."""
+    def token_logps(self, policy, batch: SequenceBatch, temperature: float = 1.0) -> torch.Tensor:
+        """The reference's log-prob of each completion token (K,): policy-gradient losses' per-token KL,
+        at the sampling temperature as the policy's (prefopt.models.logps.completion_token_logps)."""
         with self._model(policy) as model:
             states = completion_states(model, batch, self.use_logits)
             head = torch.nn.Identity() if self.use_logits else output_head(model)
-            return completion_token_logps(head, states, self.chunk_size)
+            return completion_token_logps(head, states, self.chunk_size, temperature)
 
 
 def _row_keys(batch: SequenceBatch) -> list[tuple[int, str]]:

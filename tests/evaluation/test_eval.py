@@ -13,7 +13,7 @@ from prefopt import TrainConfig, train
 from prefopt.cli.main import main
 from prefopt.data import load_examples
 from prefopt.data.tokenize import PreferenceTokenizer
-from prefopt.evaluation.evaluate import evaluate, winning
+from prefopt.evaluation.evaluate import evaluate, format_result, winning
 from prefopt.models.inference import load_for_inference
 from prefopt.models.rollout import SampleSettings, sample_prompts
 from prefopt.rewards import available_rewards, register_reward
@@ -167,6 +167,32 @@ def test_sampled_answers_reward_and_win_rate_by_hand(two_models, tmp_path):
     assert generation["example"]["policy"] == answers["policy"][shown]
     assert generation["example"]["reference"] == answers["reference"][shown]
     assert generation["example"]["policy_won"] == (1.0 in wins)
+
+
+def test_a_judges_win_rate_needs_no_answer_column(two_models, tmp_path):
+    """`prefopt eval --prompts P --reward judge` on prompts with no `answer`: the win rate is the
+    judge's comparison of the two models' answers (both orders), the mean rewards are left out."""
+    from prefopt.rewards import get_reward
+
+    policy_dir, reference_dir = two_models
+    texts = ["Say hi.", "Why?", "2+2?"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in texts))
+    settings = SampleSettings(num_samples=1, max_new_tokens=6, temperature=0.0)
+    judge = get_reward("judge", model=reference_dir)
+    result = evaluate(
+        policy_dir, reference=reference_dir, prompts=[str(prompts)], reward=judge, sample_settings=settings
+    )
+    generation = result["generation"]
+    answers = {}
+    for name, folder in (("policy", policy_dir), ("reference", reference_dir)):
+        model, tok = load_for_inference(folder, dtype="float32", device="cpu")
+        answers[name] = [s.completions[0] for s in sample_prompts(model, tok, texts, settings)]
+    wins = judge.compare(texts, answers["policy"], answers["reference"])
+    assert generation["win_rate"] == pytest.approx(sum(wins) / len(wins), abs=1e-6)
+    assert generation["reward_policy"] is None and generation["reward_reference"] is None
+    report = format_result(result)
+    assert "win rate of the policy over the reference" in report and "Traceback" not in report
 
 
 def test_winning_counts_ties_as_half_and_skips_unscored():

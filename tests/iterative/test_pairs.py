@@ -80,6 +80,25 @@ def test_arena_battles_keep_the_policys_losses():
     assert [(r["chosen"], r["rejected"], r["chosen_reward"]) for r in records] == [("strong", "a", 0.5)]
 
 
+class _Length:
+    """A pointwise reward stand-in: the answer's length."""
+
+    compare = None
+
+    def __call__(self, prompts, completions, **columns):
+        return [float(len(c)) for c in completions]
+
+
+def test_arena_with_a_reward_scores_the_references_with_it_too():
+    """The samples were rescored by --reward (lengths 2 and 4); the other file's best answer "abc"
+    has a stored reward of 100 from another reward. Scored by the same reward it is 3: "ab" loses
+    one battle, "abcd" wins one. The stored 100 would have made both losses."""
+    samples = [Scored("Q1", ["ab", "abcd"], [2.0, 4.0], {}, "s:1")]
+    records, report = battle(samples, [("abc", 100.0)], _Length())
+    assert [(r["chosen"], r["rejected"], r["chosen_reward"]) for r in records] == [("abc", "ab", 3.0)]
+    assert (report.policy_wins, report.policy_losses) == (1, 1)
+
+
 def _write(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)

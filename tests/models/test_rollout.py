@@ -182,3 +182,48 @@ def test_bench_sample_runs_both_methods(tmp_path):
         [sys.executable, "-m", "prefopt.bench.sample", *argv], capture_output=True, text=True, check=True
     ).stdout
     assert "| plain generate(num_return_sequences=2) |" in out and "| prefopt sample (shared prefill) |" in out
+
+
+def test_a_lora_model_is_prefilled_with_the_cache_keyword_of_its_base():
+    """A PEFT model's forward takes **kwargs: the keyword comes from its base causal LM ("cache" in
+    transformers 5.x; `past_key_values` is deprecated there), and its samples equal the merged
+    model's token for token (greedy)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from prefopt.models.rollout import cache_keyword
+
+    expected = "cache" if "cache" in LlamaForCausalLM.forward.__code__.co_varnames else "past_key_values"
+    torch.manual_seed(1)
+    peft_model = get_peft_model(tiny_llama(0), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    assert cache_keyword(peft_model) == cache_keyword(tiny_llama(0)) == expected
+    tok, settings = byte_tokenizer(), SampleSettings(num_samples=2, max_new_tokens=6, temperature=0, batch_size=2)
+    with torch.no_grad():
+        adapted = sample_prompts(peft_model.eval(), tok, PROMPTS[:2], settings)
+        merged = sample_prompts(peft_model.merge_and_unload().eval(), tok, PROMPTS[:2], settings)
+    assert [g.completion_ids for g in adapted] == [g.completion_ids for g in merged]
+
+
+def test_most_completions_empty_is_said_with_its_likely_cause():
+    """A model that answers EOS at once (its head pinned to EOS): every completion is empty and
+    counted; the warning names the cause when the prompts are plain text to a chat model."""
+    from prefopt.models.rollout import empty_completions_warning
+
+    model, tok = tiny_llama(0), byte_tokenizer()
+    head = torch.nn.Linear(64, 259, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[tok.eos_token_id] = 50.0
+    model.lm_head = head
+    stats = SampleStats()
+    sample_prompts(model, tok, PROMPTS, SampleSettings(num_samples=2, max_new_tokens=4, batch_size=4), stats)
+    assert (stats.empty, stats.completions, stats.plain_prompts) == (8, 8, 4)
+    assert stats.empty_warning(chat_model=True) == (
+        "8 of 8 completions are empty (the model ended at once); the prompts are plain text and this model has a "
+        'chat template: give them as messages ([{"role": "user", "content": ...}]) so the template is applied'
+    )
+    assert empty_completions_warning(8, 8, plain_prompts=False, chat_model=True) == (
+        "8 of 8 completions are empty (the model ended at once)"
+    )
+    assert empty_completions_warning(3, 8, plain_prompts=True, chat_model=True) is None  # most are not empty

@@ -51,7 +51,7 @@ def test_user_reward_module_with_arguments(tmp_path):
 
             @register_reward("test_nan_is_unscorable")
             def nan(prompts, completions, **columns):
-                return [float("nan"), True]
+                return [float("nan"), True, float("inf"), -float("inf")]
             """
         )
     )
@@ -61,7 +61,7 @@ def test_user_reward_module_with_arguments(tmp_path):
         get_reward("test_wrong_count")(["p", "q"], ["a", "b"])
     with pytest.raises(RewardError, match="reward 'test_not_a_number': score 0 is not a number: 'good'"):
         get_reward("test_not_a_number")(["p"], ["a"])
-    assert get_reward("test_nan_is_unscorable")(["p", "q"], ["a", "b"]) == [None, 1.0]
+    assert get_reward("test_nan_is_unscorable")(["p"] * 4, ["a", "b", "c", "d"]) == [None, 1.0, None, None]
     with pytest.raises(RewardError, match="has no argument 'scal'"):
         get_reward("test_length", scal=2)
     with pytest.raises(Exception, match="--reward-module: file not found"):
@@ -191,6 +191,44 @@ def test_implicit_reward_of_a_lora_run_disables_the_adapter_for_the_reference(tm
     assert expected != 0 and scores == pytest.approx([expected], abs=1e-4)
 
 
+def test_implicit_reward_of_a_lora_run_with_a_reference_model_uses_that_reference(tmp_path):
+    """An iterative LoRA round: trained from base (seed 0) against --reference-model pi_0 (seed 2).
+    Its reward is beta (log pi_t - log pi_0), not against the adapter-off base: with the adapter's
+    B = 0 (pi_t = base) the old reading gave 0 for every completion."""
+    from peft import LoraConfig, get_peft_model
+
+    base = save_tiny_model(tmp_path / "base", seed=0)
+    pi_0 = save_tiny_model(tmp_path / "pi0", seed=2)
+    run = tmp_path / "run"
+    run.mkdir()
+    settings = {"model": base, "reference_model": pi_0, "loss": "dpo", "loss_args": {"beta": 0.1}}
+    (run / "config.yaml").write_text(yaml.safe_dump(settings))
+    get_peft_model(tiny_llama(0), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(run / "final")
+    byte_tokenizer().save_pretrained(run / "final")
+    scores = get_reward("implicit", run=str(run))(["Q: 2+2?"], [" 4"])
+    expected = 0.1 * (
+        _completion_logp(tiny_llama(0), "Q: 2+2?", " 4") - _completion_logp(tiny_llama(2), "Q: 2+2?", " 4")
+    )
+    assert abs(expected) > 1e-3 and scores == pytest.approx([expected], abs=1e-4)
+
+
+def test_implicit_reward_cuts_long_prompts_as_training_did(tmp_path):
+    """max_length 32, max_prompt_length 8: a 40-byte prompt keeps its last 8 tokens, as training
+    tokenized it, instead of being dropped as unscorable (None)."""
+    base = save_tiny_model(tmp_path / "base", seed=0)
+    run = tmp_path / "run"
+    run.mkdir()
+    settings = {"model": base, "loss": "dpo", "loss_args": {"beta": 1.0}, "max_length": 32, "max_prompt_length": 8}
+    (run / "config.yaml").write_text(yaml.safe_dump(settings))
+    save_tiny_model(run / "final", seed=1)
+    prompt = "A long question that runs past 32 bytes?"
+    (score,) = get_reward("implicit", run=str(run))([prompt], [" yes"])
+    expected = _completion_logp(tiny_llama(1), prompt[-8:], " yes") - _completion_logp(
+        tiny_llama(0), prompt[-8:], " yes"
+    )
+    assert score is not None and score == pytest.approx(expected, abs=1e-4)
+
+
 def test_implicit_needs_a_finished_run(tmp_path):
     with pytest.raises(RewardError, match="is not a finished prefopt run"):
         get_reward("implicit", run=str(tmp_path))
@@ -228,6 +266,29 @@ def test_judge_averages_both_orders_by_hand(tmp_path):
     assert [s + f for s, f in zip(scores, flipped, strict=True)] == pytest.approx([1.0, 1.0], abs=1e-6)
     with pytest.raises(RewardError, match="judge compares with the column 'answer'"):
         judge(prompts, mine)
+
+
+def test_judge_reads_the_letter_token_that_follows_its_question(smollm2_tokenizer):
+    """With a chat template the answer opens the assistant turn: "A". Without one the question
+    ends with "Answer:", after which SmolLM2's BPE writes " A", one token of its own."""
+    import copy
+
+    from prefopt.rewards.judge import letter_ids
+
+    tok = smollm2_tokenizer
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    spaced = [tok(" A", add_special_tokens=False)["input_ids"], tok(" B", add_special_tokens=False)["input_ids"]]
+    assert all(len(ids) == 1 for ids in spaced)
+    assert letter_ids(plain) == [ids[0] for ids in spaced]
+    assert letter_ids(tok) == [
+        tok("A", add_special_tokens=False)["input_ids"][0],
+        tok("B", add_special_tokens=False)["input_ids"][0],
+    ]
+    assert letter_ids(tok) != letter_ids(plain)
+    # the byte tokenizer has no " A" token: it keeps "A"
+    assert letter_ids(byte_tokenizer()) == [byte_tokenizer()("A", add_special_tokens=False)["input_ids"][0],
+                                            byte_tokenizer()("B", add_special_tokens=False)["input_ids"][0]]  # fmt: skip
 
 
 def test_cli_rewards_lists_builtins_and_user_rewards(tmp_path, capsys):
