@@ -75,6 +75,10 @@ class SampleStats:
         """One line when most completions are empty, with the likely cause; None otherwise."""
         return empty_completions_warning(self.empty, self.completions, self.plain_prompts == self.prompts, chat_model)
 
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds else 0.0
+
 
 def empty_completions_warning(empty: int, total: int, plain_prompts: bool, chat_model: bool) -> str | None:
     """Most completions empty: say so, and why it usually happens. A chat model given plain text
@@ -89,10 +93,6 @@ def empty_completions_warning(empty: int, total: int, plain_prompts: bool, chat_
             '([{"role": "user", "content": ...}]) so the template is applied'
         )
     return text
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.completion_tokens / self.seconds if self.seconds else 0.0
 
 
 def cache_keyword(model) -> str:

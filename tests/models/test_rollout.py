@@ -1,5 +1,6 @@
 """`prefopt sample`: shared-prefill sampling equals plain generation; prefill once; seeds; adapters; CLI."""
 
+import inspect
 import json
 
 import torch
@@ -193,7 +194,7 @@ def test_a_lora_model_is_prefilled_with_the_cache_keyword_of_its_base():
 
     from prefopt.models.rollout import cache_keyword
 
-    expected = "cache" if "cache" in LlamaForCausalLM.forward.__code__.co_varnames else "past_key_values"
+    expected = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
     torch.manual_seed(1)
     peft_model = get_peft_model(tiny_llama(0), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
     assert cache_keyword(peft_model) == cache_keyword(tiny_llama(0)) == expected
