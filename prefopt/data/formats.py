@@ -404,11 +404,15 @@ def normalise_prompts(records: list[Record], fmt: str | None = None) -> tuple[li
     return examples, report
 
 
-def load_prompts(paths, fmt: str | None = None) -> tuple[list[PromptExample], PromptReport]:
-    """Prompts from prompt-only files, or from the prompts of preference files."""
+def load_prompts(
+    paths, fmt: str | None = None, columns: dict | None = None
+) -> tuple[list[PromptExample], PromptReport]:
+    """Prompts from prompt-only files, or from the prompts of preference files (any source of
+    prefopt.data.sources: files, hub ids, a Dataset, a list of dicts); `columns` renames fields."""
     from prefopt.data.files import read_records
+    from prefopt.data.sources import rename_columns
 
-    records = read_records(paths)
+    records = [rename_columns(record, columns or {}) for record in read_records(paths)]
     first = records[0].fields
     if fmt is None and "prompt" not in first and not {"chosen", "rejected"} <= set(first):
         found = ", ".join(sorted(first)) or "no fields"

@@ -116,7 +116,7 @@ def _prepare_prompts(config: TrainConfig, spec: LossSpec):
         raise ConfigError(
             f"loss '{spec.name}' samples completions and needs a reward to score them: pass --reward NAME"
         )
-    prompts, report = load_prompts(config.data, config.format)
+    prompts, report = load_prompts(config.data, config.format, config.columns)
     return PreparedData(prompts, None, report)
 
 

@@ -104,3 +104,17 @@ def test_sharegpt_pairs_read_as_conversations(tmp_path):
     path.write_text(json.dumps([{**record, "conversations": record["conversations"][:2]}]))
     with pytest.raises(DataError, match=r"record 1: field 'conversations' must end with a human/user turn"):
         load_examples(path)
+
+
+def test_prompts_come_from_python_objects_with_renamed_columns():
+    """What the online losses and `prefopt sample` read: a Dataset's `question` column as prompts,
+    its other columns kept for the reward."""
+    from prefopt.data.formats import load_prompts
+
+    table = datasets.Dataset.from_list([{"question": "1+1?", "answer": "2"}, {"question": "2+2?", "answer": "4"}])
+    prompts, report = load_prompts(table, columns={"prompt": "question"})
+    assert [(p.prompt, p.columns, p.where) for p in prompts] == [
+        ("1+1?", {"answer": "2"}, "data: row 1"),
+        ("2+2?", {"answer": "4"}, "data: row 2"),
+    ]
+    assert report.format == "prompt"
