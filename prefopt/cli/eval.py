@@ -27,6 +27,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         sample_settings=settings,
         dtype=args.dtype,
+        against=args.against,
     )
     print(json.dumps(result) if args.json else format_result(result))
     return 0
@@ -48,6 +49,9 @@ def add_commands(commands) -> None:
     )
     ev.add_argument("--model", required=True, help="a run folder, its final/, or a model folder")
     ev.add_argument("--reference", default=None, help="reference model (default: the model the run started from)")
+    ev.add_argument(
+        "--against", default=None, help="A/B: compare the sampled answers with this model's (a folder or a run)"
+    )
     ev.add_argument("--data", nargs="+", default=None, help="held-out preference pairs")
     ev.add_argument("--prompts", nargs="+", default=None, help="held-out prompts to answer (needs --reward)")
     add_reward_options(ev)

@@ -52,8 +52,15 @@ def per_prompt_outcomes(wins: list, per_prompt: int) -> list[float]:
 
 
 def win_rate_statistics(wins: list, per_prompt: int) -> dict:
-    """`win_rate_ci95` (Wilson, over prompts) and `sign_test_p` (prompts won against prompts lost)."""
+    """`win_rate_ci95` (Wilson, over prompts), `sign_test_p` (prompts won against prompts lost) and
+    the counts it rests on: prompts won, lost and tied (a prompt's outcome: the mean over its samples)."""
     outcomes = per_prompt_outcomes(wins, per_prompt)
     low, high = wilson_interval(sum(outcomes), len(outcomes))
     won, lost = sum(o > 0.5 for o in outcomes), sum(o < 0.5 for o in outcomes)
-    return {"win_rate_ci95": [round(low, 4), round(high, 4)], "sign_test_p": sign_test_p(won, lost)}
+    return {
+        "win_rate_ci95": [round(low, 4), round(high, 4)],
+        "sign_test_p": sign_test_p(won, lost),
+        "prompts_won": won,
+        "prompts_lost": lost,
+        "prompts_tied": len(outcomes) - won - lost,
+    }

@@ -302,9 +302,13 @@ def evaluate(
     sample_settings=None,
     dtype: str = "float32",
     chunk_size: int = 1024,
+    against: str | None = None,
 ) -> dict:
     """One dict: what was compared, the held-out pair numbers (with `data`) and the sampled
-    answers' rewards (with `prompts` and a configured `reward`, see prefopt.rewards.get_reward)."""
+    answers' rewards (with `prompts` and a configured `reward`, see prefopt.rewards.get_reward).
+
+    `against`: another model (a folder, a run or its final/) whose sampled answers the model's
+    are compared with (A/B), in place of the reference's; the pair numbers keep the reference."""
     from prefopt.data import load_examples
     from prefopt.data.formats import load_prompts
     from prefopt.models.inference import load_for_inference
@@ -315,6 +319,8 @@ def evaluate(
         raise PrefoptError("eval needs --data FILE (held-out pairs) or --prompts FILE with --reward NAME")
     if prompts and reward is None:
         raise PrefoptError("eval --prompts needs --reward NAME (`prefopt rewards` lists them)")
+    if against and not prompts:
+        raise PrefoptError("eval --against compares sampled answers: pass --prompts FILE with --reward NAME")
     models = resolve_models(model, reference)
     loss_name, loss_fn, loss_args, beta = _loss_for(models.run_config, loss, beta)
     examples = load_examples(data)[0][:limit] if data else []  # bad data fails before any model loads
@@ -322,9 +328,20 @@ def evaluate(
     with quiet_loading_bars():
         policy_model, tokenizer = load_for_inference(models.model, dtype=dtype)
         reference_model, _ = load_for_inference(models.reference, dtype=dtype)
+        opponent = _model_folder(against) if against else None
+        opponent_model = load_for_inference(opponent, dtype=dtype)[0] if opponent else reference_model
     if policy_model.get_output_embeddings().weight.shape != reference_model.get_output_embeddings().weight.shape:
         raise PrefoptError(f"{models.model} and {models.reference} have different vocabularies; pass --reference")
+    if (
+        opponent
+        and policy_model.get_output_embeddings().weight.shape != opponent_model.get_output_embeddings().weight.shape
+    ):
+        raise PrefoptError(
+            f"{models.model} and {opponent} have different vocabularies: their answers cannot be compared"
+        )
     result: dict = {"model": models.model, "reference": models.reference}
+    if opponent:
+        result["against"] = opponent
     if examples:
         batches, report = pair_batches(examples, tokenizer, max_length, max_prompt_length, batch_size)
         scores = score_pairs(policy_model, reference_model, batches, chunk_size)
@@ -332,9 +349,16 @@ def evaluate(
         result["truncated"], result["dropped"] = report.truncated, report.dropped_too_long
     if prompt_examples:
         settings = sample_settings or SampleSettings(num_samples=1, max_new_tokens=64, temperature=0.0)
-        generation = generation_metrics(policy_model, reference_model, tokenizer, prompt_examples, reward, settings)
+        generation = generation_metrics(policy_model, opponent_model, tokenizer, prompt_examples, reward, settings)
+        generation["opponent"] = "against" if opponent else "reference"
         result["generation"] = generation
     return result
+
+
+def _model_folder(model: str) -> str:
+    """A run folder's final/, else the folder as given."""
+    run = _run_folder(model)
+    return str(run / "final") if run is not None and Path(model) == run else model
 
 
 def _prompt_text(prompt) -> str:
@@ -351,6 +375,8 @@ def _fmt(value) -> str:
 def format_result(result: dict) -> str:
     """The plain-text report of `evaluate`."""
     lines = [f"policy:    {result['model']}", f"reference: {result['reference']}"]
+    if result.get("against"):
+        lines.append(f"against:   {result['against']} (A/B: sampled answers against this model's)")
     if "pairs" in result:
         cut = f", {result['truncated']} truncated, {result['dropped']} dropped" if result.get("dropped") else ""
         lines.append(f"\nheld-out pairs: {result['pairs']} (beta {result['beta']:g}, loss {result['loss_name']}{cut})")
@@ -361,7 +387,12 @@ def format_result(result: dict) -> str:
             f"\nsampled answers: {generation['prompts']} prompts x {generation['samples_per_prompt']}, "
             f"reward {generation['reward']}"
         )
-        lines += [f"  {label:<46}{_fmt(generation.get(key)):>10}" for key, label in GENERATION_LINES]
+        ab = generation.get("opponent") == "against"  # A/B: the answers are the --against model's
+        other = "--against model" if ab else "reference"
+        lines += [
+            f"  {label.replace('reference', other):<46}{_fmt(generation.get(key)):>10}"
+            for key, label in GENERATION_LINES
+        ]
         if generation.get("win_rate_ci95"):
             low, high = generation["win_rate_ci95"]
             lines.append(f"  {'win rate, 95% interval (Wilson, over prompts)':<46}{f'{low:.3f}-{high:.3f}':>10}")
@@ -371,5 +402,5 @@ def format_result(result: dict) -> str:
         example = generation["example"]
         lines.append(f"\n  prompt:    {_prompt_text(example['prompt'])[:200]!r}")
         lines.append(f"  policy:    {example['policy'][:200]!r}")
-        lines.append(f"  reference: {example['reference'][:200]!r}")
+        lines.append(f"  {'against:' if ab else 'reference:':<11}{example['reference'][:200]!r}")
     return "\n".join(lines)

@@ -36,3 +36,4 @@ def test_outcomes_are_per_prompt_with_unscored_left_out():
     assert stats["sign_test_p"] == pytest.approx(1.0)  # one prompt won, none lost: 2 * 1/2
     low, high = wilson_interval(2.0, 3)
     assert stats["win_rate_ci95"] == [round(low, 4), round(high, 4)]
+    assert (stats["prompts_won"], stats["prompts_lost"], stats["prompts_tied"]) == (1, 0, 2)

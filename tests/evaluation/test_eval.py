@@ -195,6 +195,31 @@ def test_a_judges_win_rate_needs_no_answer_column(two_models, tmp_path):
     assert "win rate of the policy over the reference" in report and "Traceback" not in report
 
 
+def test_against_compares_two_models_answers_a_b(two_models, tmp_path, capsys):
+    """--against OTHER: the sampled answers are the model's against OTHER's (A/B), the same numbers
+    as naming OTHER the reference, while the pair numbers keep the run's reference; the JSON has
+    the interval and the prompts won, lost and tied (they sum to the prompts)."""
+    from prefopt.rewards import get_reward
+
+    policy_dir, reference_dir = two_models
+    other = save_tiny_model(tmp_path / "other", seed=2)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Say hi.", "Be kind.", "Why?", "2+2?"]))
+    settings = SampleSettings(num_samples=2, max_new_tokens=8, temperature=0.0)
+    common = dict(prompts=[str(prompts)], reward=get_reward("vowel_count"), sample_settings=settings)
+    ab = evaluate(policy_dir, reference=reference_dir, against=other, data=[PAIRS], limit=4, **common)
+    as_reference = evaluate(policy_dir, reference=other, **common)["generation"]
+    keys = ("win_rate", "reward_policy", "reward_reference", "win_rate_ci95", "sign_test_p")
+    assert {k: ab["generation"][k] for k in keys} == {k: as_reference[k] for k in keys}
+    assert ab["against"] == other and ab["reference"] == reference_dir
+    assert ab["pairs"] == 4  # held-out pair numbers still against the reference
+    counts = [ab["generation"][k] for k in ("prompts_won", "prompts_lost", "prompts_tied")]
+    assert sum(counts) == 4
+    assert "win rate of the policy over the --against model" in format_result(ab)
+    assert main(["eval", "--model", policy_dir, "--reference", reference_dir, "--against", other, "--data", PAIRS]) == 2
+    assert "eval --against compares sampled answers: pass --prompts FILE" in capsys.readouterr().err
+
+
 def test_winning_counts_ties_as_half_and_skips_unscored():
     assert [winning(2, 1), winning(1, 1), winning(0, 1), winning(None, 1)] == [1.0, 0.5, 0.0, None]
 
