@@ -292,12 +292,12 @@ def _coerce(hint, value) -> Any:
 
 def _describe_entry(entry):
     """A data entry as config.yaml can hold it: Python objects become a line that names them."""
-    if isinstance(entry, (str, dict)) and not (isinstance(entry, dict) and not isinstance(entry.get("path"), str)):
+    if isinstance(entry, str):
         return entry
+    if isinstance(entry, dict):  # a mixture entry: its path may be a Dataset
+        return {**entry, "path": _describe_entry(entry["path"])}
     if isinstance(entry, list):
         return f"<in memory: a list of {len(entry)} records>"
-    if isinstance(entry, dict):  # a mixture entry around a Dataset
-        return {**entry, "path": _describe_entry(entry["path"])}
     return f"<in memory: a datasets.Dataset of {len(entry)} rows, fingerprint {getattr(entry, '_fingerprint', '?')}>"
 
 

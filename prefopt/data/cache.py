@@ -102,7 +102,7 @@ class ExampleTable:
     def select(self, indices: list[int]) -> ExampleTable:
         """These rows (in this order), keyed by them."""
         picked = self.dataset.select(indices)
-        key = _digest(self.key, hashlib.blake2b(bytes(_as_bytes(indices)), digest_size=16).hexdigest())
+        key = _digest(self.key, hashlib.blake2b(_as_bytes(indices), digest_size=16).hexdigest())
         return ExampleTable(picked, key, self.unpaired, self.report, self.sources, self.reused)
 
     def examples(self) -> list:
@@ -168,12 +168,6 @@ def example_of_row(row: dict, unpaired: bool):
     )
 
 
-def _source_format(first, fmt: str | None) -> str:
-    found = fmt or detect_format(first)
-    check_trainable_format(found, first.where)
-    return found
-
-
 def _write_examples(sources: list[Source], fmt: str | None, columns: dict, path: Path) -> dict:
     """Stream every source's records through one Normaliser into an Arrow file at `path`."""
     import pyarrow as pa
@@ -188,7 +182,8 @@ def _write_examples(sources: list[Source], fmt: str | None, columns: dict, path:
             for record in iter_source_records(source):
                 record = rename_columns(record, columns)
                 if source_fmt is None:
-                    source_fmt = _source_format(record, fmt)
+                    source_fmt = fmt or detect_format(record)
+                    check_trainable_format(source_fmt, record.where)
                     normaliser = normaliser or Normaliser(source_fmt)
                     if unpaired is None:
                         unpaired = source_fmt == "unpaired"

@@ -47,10 +47,6 @@ class Source:
     max_samples: int | None = None  # at most this many examples, the first ones (as TRL and LLaMA-Factory)
     loaded: Any = field(default=None, repr=False)  # a hub dataset once loaded
 
-    @property
-    def in_memory(self) -> bool:
-        return self.kind == "rows" or (self.kind == "hub" and not isinstance(self.target, str))
-
 
 def is_mixture_entry(value) -> bool:
     """A dict naming a source ({path: ..., weight: ...}) rather than a record."""
@@ -133,8 +129,7 @@ def _mixture_source(entry: dict, label: str, config_name: str | None) -> Source:
     path = entry["path"]
     if is_dataset(path):
         return Source(label, "hub", path, weight=weight, max_samples=cap)
-    source = _source_of_text(str(path), weight, cap, entry.get("split"), entry.get("config"), config_name)
-    return source
+    return _source_of_text(str(path), weight, cap, entry.get("split"), entry.get("config"), config_name)
 
 
 # -- reading ------------------------------------------------------------------------------------
