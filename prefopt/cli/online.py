@@ -66,10 +66,14 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
 
     if Path(args.output).exists() and not args.overwrite:
         raise PrefoptError(f"{args.output} exists; choose another --output or pass --overwrite")
-    if sum(map(bool, (args.unpaired, args.best_of_n, args.against))) > 1:
-        raise PrefoptError("choose one of --unpaired, --best-of-n and --against")
+    if sum(map(bool, (args.unpaired, args.best_of_n, args.against, args.refine_with))) > 1:
+        raise PrefoptError("choose one of --unpaired, --best-of-n, --against and --refine-with")
     if args.unpaired and args.threshold is None:
         raise PrefoptError("--unpaired needs --threshold X (reward >= X is desirable)")
+    if args.sft_output and not args.refine_with:
+        raise PrefoptError("--sft-output goes with --refine-with (for SFT data of sampled answers: --best-of-n)")
+    if args.refine_with:
+        return _refine_pairs(args)
     reward = make_reward(args)
     pairwise = bool(args.against) and reward is not None and reward.compare is not None
     samples = pairs.read_samples(args.samples, need_rewards=reward is None and not pairwise)
@@ -94,6 +98,40 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
         raise PrefoptError(f"no {what} written: {report.why_empty(what)}")
     write_jsonl(args.output, records, overwrite=args.overwrite)
     print(f"prefopt: {report.summary(what)} -> {args.output}")
+    return 0
+
+
+def _refine_pairs(args: argparse.Namespace) -> int:
+    """`prefopt pairs --refine-with MODEL`: the refiner's corrections chosen over the sampled answers."""
+    from prefopt.iterative import pairs, refine
+    from prefopt.models.inference import load_for_inference
+    from prefopt.models.rollout import SampleSettings, write_jsonl
+
+    if args.sft_output and Path(args.sft_output).exists() and not args.overwrite:
+        raise PrefoptError(f"{args.sft_output} exists; choose another --sft-output or pass --overwrite")
+    template = refine.REFINE_TEMPLATE
+    if args.refine_template:
+        if not Path(args.refine_template).is_file():
+            raise PrefoptError(f"{args.refine_template}: no such template file")
+        template = Path(args.refine_template).read_text(encoding="utf-8")
+    reward = make_reward(args)
+    samples = pairs.read_samples(args.samples, need_rewards=args.threshold is not None and reward is None)
+    if reward is not None:
+        pairs.rescore(samples, reward)
+    refine.check_template(template, {name for s in samples for name in s.columns})  # before a model loads
+    model, tokenizer = load_for_inference(args.refine_with)
+    settings = SampleSettings(
+        num_samples=1, max_new_tokens=args.refine_max_new_tokens, temperature=0.0, batch_size=args.refine_batch_size
+    )
+    generate = refine.refiner_generate(model, tokenizer, settings, template)
+    records, sft, report = refine.refine(samples, generate, template, args.threshold, reward)
+    if not records:
+        raise PrefoptError(f"no refinement pairs written: {report.why_empty()}")
+    write_jsonl(args.output, records, overwrite=args.overwrite)
+    print(f"prefopt: {report.summary()} -> {args.output}")
+    if args.sft_output:
+        write_jsonl(args.sft_output, sft, overwrite=args.overwrite)
+        print(f"prefopt: {report.sft_written} SFT examples of the refinements -> {args.sft_output}")
     return 0
 
 
@@ -185,7 +223,12 @@ def add_commands(commands) -> None:
     pairs.add_argument(
         "--unpaired", action="store_true", help="KTO data: every completion, label = reward >= threshold"
     )
-    pairs.add_argument("--threshold", type=float, default=None, help="desirable from this reward on")
+    pairs.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="desirable from this reward on; with --refine-with: refine only the completions below it",
+    )
     pairs.add_argument(
         "--best-of-n", action="store_true", help="SFT data: each prompt's best completion (rejection sampling)"
     )
@@ -196,6 +239,19 @@ def add_commands(commands) -> None:
         help="battle each sample against a reference answer (a column, or another model's samples file); "
         "the policy's losses become pairs, the stronger answer chosen",
     )
+    pairs.add_argument(
+        "--refine-with",
+        default=None,
+        metavar="MODEL",
+        help="refinement pairs: MODEL corrects each sampled answer (those below --threshold, if given); "
+        "its refinement is chosen, the original rejected",
+    )
+    pairs.add_argument(
+        "--refine-template", default=None, metavar="FILE", help="the refiner's request: text with {prompt} and {response}"
+    )
+    pairs.add_argument("--refine-max-new-tokens", type=int, default=128, help="tokens per refinement at most")
+    pairs.add_argument("--refine-batch-size", type=int, default=8, help="requests per generate call")
+    pairs.add_argument("--sft-output", default=None, help="with --refine-with: also write the refinements as SFT data")
     add_reward_options(pairs)
     pairs.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     pairs.set_defaults(run=_cmd_pairs)
