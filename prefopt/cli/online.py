@@ -247,7 +247,10 @@ def add_commands(commands) -> None:
         "its refinement is chosen, the original rejected",
     )
     pairs.add_argument(
-        "--refine-template", default=None, metavar="FILE", help="the refiner's request: text with {prompt} and {response}"
+        "--refine-template",
+        default=None,
+        metavar="FILE",
+        help="the refiner's request: text with {prompt} and {response}",
     )
     pairs.add_argument("--refine-max-new-tokens", type=int, default=128, help="tokens per refinement at most")
     pairs.add_argument("--refine-batch-size", type=int, default=8, help="requests per generate call")

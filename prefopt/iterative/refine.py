@@ -26,7 +26,7 @@ import string
 from dataclasses import dataclass
 
 from prefopt.errors import PrefoptError
-from prefopt.iterative.pairs import Scored, _answer, _OUTPUT_FIELDS, _with_ids
+from prefopt.iterative.pairs import _OUTPUT_FIELDS, Scored, _answer, _with_ids
 from prefopt.rewards.judge import as_text
 
 REFINE_TEMPLATE = (
@@ -84,7 +84,9 @@ def check_template(template: str, columns: set[str]) -> None:
     except ValueError as error:
         raise PrefoptError(f"refinement template: {error} (write a literal brace as {{{{ or }}}})") from None
     if "response" not in names:
-        raise PrefoptError("refinement template: it has no {response} placeholder, so the refiner never sees the answer")
+        raise PrefoptError(
+            "refinement template: it has no {response} placeholder, so the refiner never sees the answer"
+        )
     unknown = sorted(names - {"prompt", "response"} - columns)
     if unknown:
         available = ", ".join(["prompt", "response", *sorted(columns)])
