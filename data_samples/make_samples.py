@@ -93,6 +93,7 @@ def main() -> None:
             unpaired.append({"prompt": q, "completion": " " + r, "label": False})
     write_jsonl("unpaired.jsonl", unpaired)
     write_jsonl("arithmetic.jsonl", arithmetic(random.Random(7)))
+    write_jsonl("feedback_logs.jsonl", feedback_logs(random.Random(11), data[:40]))
 
 
 def arithmetic(rng: random.Random) -> list[dict]:
@@ -104,6 +105,64 @@ def arithmetic(rng: random.Random) -> list[dict]:
     ]
     rng.shuffle(rows)
     return rows
+
+
+POSITIVE = [
+    "Thanks!", "Great, thank you.", "Perfect, that's what I needed.", "That's right, thanks.", "Got it, thanks!",
+    "Cool.", "Awesome, appreciate it.", "Nice, that makes sense.",
+]
+NEGATIVE = [
+    "That's wrong.", "No, that's not right.", "Hmm, I don't think so.", "That's not helpful at all.",
+    "Wrong, try again.", "Are you sure? That doesn't look right.", "Rude.", "That's not what I asked.",
+]
+NEUTRAL = ["Ok.", "Hm.", "I see."]
+
+
+def feedback_logs(rng: random.Random, data: list) -> list[dict]:
+    """Conversation logs with the users' reactions, for `prefopt data feedback` (48 logs).
+
+    Each log holds 1-3 exchanges on the questions of `data` (taken in turn); an answer is the
+    good one 60% of the time, else the bad one. The user's next message is a reaction:
+    after a good answer mostly positive, after a bad one mostly negative, sometimes neither (a
+    bare next question, or "Ok."); when another exchange follows, the next question comes in
+    the same message. A quarter of the logs end on the assistant's answer (no reaction), and
+    two logs have no assistant turn at all (the user left). Some reactions carry no cue word
+    ("Cool.", "Are you sure?"), as real ones often do.
+    `annotation` is the reaction each reacted-to answer got ("positive", "negative",
+    "neither"), written here for measuring a classifier; `prefopt data feedback` ignores it.
+    """
+    logs, at = [], 0
+    for n in range(48):
+        messages = [{"role": "system", "content": SYSTEM}] if n % 3 == 0 else []
+        annotation = []
+        exchanges = rng.choice([1, 1, 2, 2, 3])
+        ends_on_answer = rng.random() < 0.25
+        question = None
+        for k in range(exchanges):
+            q, good, bad = data[at % len(data)]
+            at += 1
+            messages.append({"role": "user", "content": q if question is None else question})
+            right = rng.random() < 0.6
+            messages.append({"role": "assistant", "content": good if right else bad})
+            last = k == exchanges - 1
+            if last and ends_on_answer:
+                break
+            kind = rng.choices(["positive", "negative", "neither"], [0.8, 0.05, 0.15] if right else [0.05, 0.8, 0.15])[0]
+            annotation.append(kind)
+            nxt = None if last else data[at % len(data)][0]
+            if kind == "neither":
+                reaction = nxt or rng.choice(NEUTRAL)
+            else:
+                reaction = rng.choice(POSITIVE if kind == "positive" else NEGATIVE)
+                reaction = reaction if nxt is None else f"{reaction} {nxt}"
+            if last:
+                messages.append({"role": "user", "content": reaction})
+            else:
+                question = reaction
+        logs.append({"messages": messages, "annotation": annotation})
+    for q, _, _ in data[:2]:
+        logs.insert(rng.randint(0, len(logs)), {"messages": [{"role": "user", "content": q}], "annotation": []})
+    return logs
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import sys
 
 from prefopt import __version__
 from prefopt.cli import eval as evaluation_commands
+from prefopt.cli import feedback as feedback_command
 from prefopt.cli import online as online_commands
 from prefopt.cli._options import Parser, add_train_options
 from prefopt.data.formats import FORMATS
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_options(train)
     train.set_defaults(run=_cmd_train)
 
-    data = commands.add_parser("data", help="look at preference data").add_subparsers(
+    data = commands.add_parser("data", help="look at preference data, make data from conversation logs").add_subparsers(
         dest="data_command", required=True
     )
     inspect = data.add_parser("inspect", help="format, counts, token lengths, truncation at a max length")
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--format", default=None, choices=FORMATS, help="skip auto-detection")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.set_defaults(run=_cmd_data_inspect)
+    feedback_command.add_command(data)  # conversation logs -> KTO / SFT data
     online_commands.add_commands(commands)  # rewards, sample, pairs, iterate (DESIGN §6)
     evaluation_commands.add_commands(commands)  # eval, report
     return parser

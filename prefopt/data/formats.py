@@ -208,6 +208,23 @@ def _sharegpt_turns(record: Record, name: str, value) -> Messages:
     return messages
 
 
+def read_conversation(record: Record) -> Messages:
+    """A logged conversation as messages: `messages` (role/content turns), ShareGPT's
+    `conversations` (from/value), or a conversational `prompt` followed by its `completion`."""
+    fields = record.fields
+    if fields.get("messages") is not None:
+        return _messages(record, "messages")
+    if fields.get("conversations") is not None:
+        return _sharegpt_turns(record, "conversations", fields["conversations"])
+    if isinstance(fields.get("prompt"), list) and isinstance(fields.get("completion"), list):
+        return _messages(record, "prompt") + _messages(record, "completion")
+    found = ", ".join(sorted(fields)) or "no fields"
+    raise DataError(
+        f"{record.where}: missing field 'messages' (a conversation log: messages, ShareGPT conversations, "
+        f"or a conversational prompt and completion; found {found})"
+    )
+
+
 def _sharegpt_pair(record: Record) -> PairExample:
     prompt = _sharegpt_turns(record, "conversations", _field(record, "conversations"))
     system = record.fields.get("system")

@@ -42,7 +42,7 @@ SELECTIONS = ("best-worst", "best-random", "all")
 _SAMPLE_FIELDS = ("prompt", "prompt_ids", "completions", "rewards", "finished", "completion_ids")
 # a sample's own columns never overwrite these in the records written (a preference file used as
 # prompts brings chosen/rejected and maybe their ids along; stale ids would describe other text)
-_OUTPUT_FIELDS = (
+OUTPUT_FIELDS = (
     "chosen",
     "rejected",
     "completion",
@@ -164,7 +164,7 @@ def rescore(samples: list[Scored], reward) -> int:
     return unscorable
 
 
-def _answer(prompt, text) -> object:
+def as_answer(prompt, text) -> object:
     """A completion as training reads it: text after a text prompt, one assistant turn after messages."""
     return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
 
@@ -175,7 +175,7 @@ def _reference_text(value) -> str | None:
     return None if value is None else str(value)
 
 
-def _with_ids(record: dict, sample: Scored, **ids) -> dict:
+def with_ids(record: dict, sample: Scored, **ids) -> dict:
     """Add the prompt's and the completions' sampled ids, those there are (none when the file has none)."""
     ids = {name: value for name, value in ids.items() if value is not None}
     if ids:
@@ -186,17 +186,17 @@ def _with_ids(record: dict, sample: Scored, **ids) -> dict:
 
 def _pair(sample: Scored, chosen: int | str, rejected: int, chosen_reward: float, rejected_reward: float) -> dict:
     """chosen: a completion's index, or a reference answer's text (a battle: it has no sampled ids)."""
-    record = {k: v for k, v in sample.columns.items() if k not in _OUTPUT_FIELDS}
+    record = {k: v for k, v in sample.columns.items() if k not in OUTPUT_FIELDS}
     chosen_text = chosen if isinstance(chosen, str) else sample.completions[chosen]
     record.update(
         prompt=sample.prompt,
-        chosen=_answer(sample.prompt, chosen_text),
-        rejected=_answer(sample.prompt, sample.completions[rejected]),
+        chosen=as_answer(sample.prompt, chosen_text),
+        rejected=as_answer(sample.prompt, sample.completions[rejected]),
         chosen_reward=chosen_reward,
         rejected_reward=rejected_reward,
     )
     chosen_ids = None if isinstance(chosen, str) else sample.ids(chosen)
-    return _with_ids(record, sample, chosen_ids=chosen_ids, rejected_ids=sample.ids(rejected))
+    return with_ids(record, sample, chosen_ids=chosen_ids, rejected_ids=sample.ids(rejected))
 
 
 def _scored_indices(sample: Scored, report: PairReport) -> list[int]:
@@ -258,14 +258,14 @@ def select_unpaired(samples: list[Scored], threshold: float):
 
 
 def _single(sample: Scored, i: int, label: bool) -> dict:
-    record = {k: v for k, v in sample.columns.items() if k not in _OUTPUT_FIELDS}
+    record = {k: v for k, v in sample.columns.items() if k not in OUTPUT_FIELDS}
     record.update(
         prompt=sample.prompt,
-        completion=_answer(sample.prompt, sample.completions[i]),
+        completion=as_answer(sample.prompt, sample.completions[i]),
         label=label,
         reward=sample.rewards[i],
     )
-    return _with_ids(record, sample, completion_ids=sample.ids(i))
+    return with_ids(record, sample, completion_ids=sample.ids(i))
 
 
 def select_best_of_n(samples: list[Scored], threshold: float | None = None):

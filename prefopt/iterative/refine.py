@@ -26,7 +26,7 @@ import string
 from dataclasses import dataclass
 
 from prefopt.errors import PrefoptError
-from prefopt.iterative.pairs import _OUTPUT_FIELDS, Scored, _answer, _with_ids
+from prefopt.iterative.pairs import OUTPUT_FIELDS, Scored, as_answer, with_ids
 from prefopt.rewards.judge import as_text
 
 REFINE_TEMPLATE = (
@@ -175,20 +175,20 @@ def refine(samples: list[Scored], generate, template: str = REFINE_TEMPLATE, thr
 
 
 def _refinement_pair(sample: Scored, i: int, refinement: str, chosen_reward, rejected_reward) -> dict:
-    record = {k: v for k, v in sample.columns.items() if k not in _OUTPUT_FIELDS}
+    record = {k: v for k, v in sample.columns.items() if k not in OUTPUT_FIELDS}
     record.update(
         prompt=sample.prompt,
-        chosen=_answer(sample.prompt, refinement),
-        rejected=_answer(sample.prompt, sample.completions[i]),
+        chosen=as_answer(sample.prompt, refinement),
+        rejected=as_answer(sample.prompt, sample.completions[i]),
     )
     if chosen_reward is not None:
         record.update(chosen_reward=chosen_reward, rejected_reward=rejected_reward)
-    return _with_ids(record, sample, rejected_ids=sample.ids(i))
+    return with_ids(record, sample, rejected_ids=sample.ids(i))
 
 
 def _refinement_example(sample: Scored, refinement: str, reward) -> dict:
-    record = {k: v for k, v in sample.columns.items() if k not in _OUTPUT_FIELDS}
-    record.update(prompt=sample.prompt, completion=_answer(sample.prompt, refinement), label=True)
+    record = {k: v for k, v in sample.columns.items() if k not in OUTPUT_FIELDS}
+    record.update(prompt=sample.prompt, completion=as_answer(sample.prompt, refinement), label=True)
     if reward is not None:
         record["reward"] = reward
     return record

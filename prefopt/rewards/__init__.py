@@ -17,7 +17,7 @@ from prefopt.rewards.registry import (
 )
 
 # Importing a module registers the rewards it defines.
-from prefopt.rewards import exact_match, implicit, judge, reward_model  # noqa: E402,F401  isort: skip
+from prefopt.rewards import exact_match, implicit, judge, reaction, reward_model  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "Reward",

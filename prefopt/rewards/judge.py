@@ -50,6 +50,34 @@ def letter_ids(tokenizer) -> list[int]:
     return out
 
 
+def question_ids(tokenizer, text: str) -> list[int]:
+    """A judge's question as token ids: the user turn under the chat template (and the assistant
+    header after it), or without a template the plain text followed by "\nAnswer:"."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(text + "\nAnswer:")["input_ids"]
+
+
+@torch.no_grad()
+def next_token_logits(model, tokenizer, questions: list[list[int]], batch_size: int = 8) -> torch.Tensor:
+    """(len(questions), vocab) float32 logits of the token after each question (right-padded
+    batches; only the last hidden state of each row goes through the output head)."""
+    from prefopt.models.logps import last_hidden_state, output_head
+    from prefopt.rewards.reward_model import pad_right
+
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(questions), batch_size):
+        ids, mask = pad_right(questions[start : start + batch_size], tokenizer.pad_token_id, device)
+        hidden = last_hidden_state(model, {"input_ids": ids, "attention_mask": mask, "use_cache": False})
+        last = hidden[torch.arange(len(ids), device=device), mask.sum(1) - 1]
+        out.append(output_head(model)(last).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
 @register_reward("judge")
 class Judge:
     """A local causal LM judges completion vs the column `against`, both orders averaged: P(completion wins)."""
@@ -60,31 +88,14 @@ class Judge:
         self.model, self.tokenizer = load_for_inference(model, dtype=dtype)
         self.against, self.batch_size = against, batch_size
         self.letters = letter_ids(self.tokenizer)
-        self.device = next(self.model.parameters()).device
 
     def _question_ids(self, prompt, a, b) -> list[int]:
-        text = QUESTION.format(prompt=as_text(prompt), a=as_text(a), b=as_text(b))
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-            )
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer(text + "\nAnswer:")["input_ids"]
+        return question_ids(self.tokenizer, QUESTION.format(prompt=as_text(prompt), a=as_text(a), b=as_text(b)))
 
-    @torch.no_grad()
     def first_letter_probability(self, questions: list[list[int]]) -> list[float]:
         """P("A") / (P("A") + P("B")) as the judge's next token, per question."""
-        from prefopt.models.logps import last_hidden_state, output_head
-        from prefopt.rewards.reward_model import pad_right
-
-        out: list[float] = []
-        for start in range(0, len(questions), self.batch_size):
-            ids, mask = pad_right(questions[start : start + self.batch_size], self.tokenizer.pad_token_id, self.device)
-            hidden = last_hidden_state(self.model, {"input_ids": ids, "attention_mask": mask, "use_cache": False})
-            last = hidden[torch.arange(len(ids), device=self.device), mask.sum(1) - 1]
-            logits = output_head(self.model)(last)[:, self.letters].float()
-            out += logits.softmax(dim=-1)[:, 0].tolist()
-        return out
+        logits = next_token_logits(self.model, self.tokenizer, questions, self.batch_size)
+        return logits[:, self.letters].softmax(dim=-1)[:, 0].tolist()
 
     def compare(self, prompts, a, b, **columns) -> list[float]:
         """P(a beats b) per row, the mean over both orders."""
