@@ -11,9 +11,9 @@ completion. The score says what the user thought of the answer:
   negative cues ("wrong", "try again", ...) are counted and cut, then the positive ones. A
   leading "No" is negative. More negative than positive cues: -1; more positive: +1;
   otherwise 0.
-- `reaction_judge`: a local causal LM reads `REACTION_QUESTION` (or the user's template, with
-  `{conversation}` and `{reaction}`) and we read its next-token probabilities of the three
-  answer words ("yes", "no", "unclear", each summed over the first tokens of the spellings
+- `reaction_judge`: a local causal LM reads `REACTION_QUESTION` (or the user's template: text
+  with `{reaction}`, and optionally `{conversation}` and `{answer}`, the assistant's last turn)
+  and we read its next-token probabilities of the three answer words ("yes", "no", "unclear", each summed over the first tokens of the spellings
   "yes", "Yes", " yes", " Yes" that no other word starts with). The likeliest word is the label. When the three words together hold less than
   `min_mass` of the next-token probability, the judge wanted to say something else: None
   (counted as unclear, never guessed).
@@ -40,11 +40,19 @@ POSITIVE_CUES = (
 _LEADING_NO = re.compile(r"^\W*no\b")  # "No, it's 12." (but not "no worries" mid-sentence)
 _NEGATION = r"(?:(?<!\w)not|n't)\s+(?:\w+\s+)?"  # "not right", "isn't correct", "doesn't look right"
 
-REACTION_QUESTION = (
-    "Below is a conversation between a user and an assistant, then the user's next message.\n\n"
-    "[Conversation]\n{conversation}\n\n[The user's next message]\n{reaction}\n\n"
-    "Was the user satisfied with the assistant's last answer? Answer with one word: yes, no, or unclear."
-)
+# Few-shot: SmolLM2-135M-Instruct, asked a bare question about the shipped logs, said "no" to all
+# 79 reactions; with these examples and calibration it gets 0.59 of them right (docs/data.md).
+REACTION_QUESTION = """Classify how the user reacted to the assistant's answer.
+
+Reply: "Thanks, that's right!" -> yes
+Reply: "No, that is wrong." -> no
+Reply: "What is the weather today?" -> unclear
+Reply: "Great, it works." -> yes
+Reply: "That's not helpful." -> no
+
+Reply: "{reaction}" ->"""
+CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al. 2021's content-free inputs, for calibration
+
 LABEL_WORDS = ("yes", "no", "unclear")
 LABEL_SCORES = (1.0, -1.0, 0.0)
 
@@ -110,13 +118,17 @@ def label_token_ids(tokenizer, words=LABEL_WORDS) -> list[list[int]]:
 
 @register_reward("reaction_judge")
 class ReactionJudge:
-    """A local causal LM says whether the user was satisfied with the answer: +1 yes, -1 no, 0 unclear."""
+    """A local causal LM says whether the user was satisfied with the answer: +1 yes, -1 no, 0 unclear.
+
+    `calibrate`: divide by the words' probabilities for content-free reactions (Zhao et al. 2021);
+    `min_mass`: below this total probability of the three words the answer is None (unclear)."""
 
     def __init__(
         self,
         model: str,
         template_file: str | None = None,
-        min_mass: float = 0.05,
+        calibrate: bool = True,
+        min_mass: float = 0.01,
         batch_size: int = 8,
         dtype: str = "auto",
     ):
@@ -127,15 +139,23 @@ class ReactionJudge:
             if not Path(template_file).is_file():
                 raise RewardError(f"{template_file}: no such template file")
             self.template = Path(template_file).read_text(encoding="utf-8")
-        for field in ("{conversation}", "{reaction}"):
-            if field not in self.template:
-                raise RewardError(f"reaction_judge: the template has no {field} placeholder")
+        if "{reaction}" not in self.template:
+            raise RewardError("reaction_judge: the template has no {reaction} placeholder")
         self.model, self.tokenizer = load_for_inference(model, dtype=dtype)
         self.labels = label_token_ids(self.tokenizer)
         self.min_mass, self.batch_size = float(min_mass), batch_size
+        self.prior = None
+        if calibrate:
+            free = [[{"role": "assistant", "content": "N/A"}]] * len(CONTENT_FREE)
+            self.prior = self.label_probabilities(free, list(CONTENT_FREE)).mean(dim=0)
 
     def question(self, conversation, reaction: str) -> list[int]:
-        text = self.template.replace("{conversation}", as_text(conversation)).replace("{reaction}", reaction)
+        answer = conversation[-1]["content"] if isinstance(conversation, list) and conversation else ""
+        text = (
+            self.template.replace("{conversation}", as_text(conversation))
+            .replace("{answer}", answer)
+            .replace("{reaction}", reaction)
+        )
         return question_ids(self.tokenizer, text)
 
     def label_probabilities(self, conversations, reactions) -> torch.Tensor:
@@ -146,10 +166,11 @@ class ReactionJudge:
 
     def __call__(self, prompts, completions, **columns):
         probabilities = self.label_probabilities(prompts, completions)
+        calibrated = probabilities / self.prior if self.prior is not None else probabilities
         out = []
-        for row in probabilities:
+        for row, weighed in zip(probabilities, calibrated, strict=True):
             if float(row.sum()) < self.min_mass:
                 out.append(None)  # the judge's answer is none of the words: unclear, not guessed
             else:
-                out.append(LABEL_SCORES[int(row.argmax())])
+                out.append(LABEL_SCORES[int(weighed.argmax())])
         return out

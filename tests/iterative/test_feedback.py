@@ -95,31 +95,43 @@ def test_the_shipped_logs_make_kto_data_that_trains(tmp_path, capsys):
 
 def test_reaction_judge_reads_its_label_words(tmp_path, capsys):
     """The judge's three probabilities are the softmax of the next-token logits after its question,
-    summed over each word's spellings (recomputed here by hand with a plain forward); the label is
-    the likeliest word. A random tiny model puts little mass on the words: with the default
-    min_mass each reaction is unclear, and a run where all are unclear is a one-line error."""
+    summed over each word's spellings (recomputed here with a plain forward); uncalibrated the label
+    is the likeliest word, calibrated the likeliest after dividing by the words' mean probabilities
+    for the content-free reactions "N/A", "", "[MASK]" (also recomputed here). When the words hold
+    less than min_mass the reaction is unclear, and a run where all are unclear is a one-line error."""
     from prefopt.rewards.judge import question_ids
-    from prefopt.rewards.reaction import REACTION_QUESTION, label_token_ids
+    from prefopt.rewards.reaction import CONTENT_FREE, REACTION_QUESTION, label_token_ids
 
     model_dir = save_tiny_model(tmp_path / "judge", seed=4)
-    judge = get_reward("reaction_judge", model=model_dir, min_mass=0.0)
+    judge = get_reward("reaction_judge", model=model_dir, min_mass=0.0, calibrate=False)
+    tokenizer, model = judge._fn.tokenizer, judge._fn.model
+    words = label_token_ids(tokenizer)
+
+    def by_hand(reaction):
+        ids = torch.tensor([question_ids(tokenizer, REACTION_QUESTION.replace("{reaction}", reaction))])
+        with torch.no_grad():
+            probabilities = model(input_ids=ids).logits[0, -1].float().softmax(-1)
+        return torch.stack([probabilities[w].sum() for w in words])
+
     conversation, reaction = [_u("2 + 2?"), _a("4")], "Thanks!"
-    got = judge._fn.label_probabilities([conversation], [reaction])[0]
-    text = REACTION_QUESTION.replace("{conversation}", "user: 2 + 2?\nassistant: 4").replace("{reaction}", reaction)
-    ids = torch.tensor([question_ids(judge._fn.tokenizer, text)])
-    with torch.no_grad():
-        probabilities = judge._fn.model(input_ids=ids).logits[0, -1].float().softmax(-1)
-    words = label_token_ids(judge._fn.tokenizer)
-    expected = torch.stack([probabilities[w].sum() for w in words])
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    expected = by_hand(reaction)
+    torch.testing.assert_close(judge._fn.label_probabilities([conversation], [reaction])[0], expected)
     assert judge([conversation], [reaction]) == [(1.0, -1.0, 0.0)[int(expected.argmax())]]
-    strict = get_reward("reaction_judge", model=model_dir)  # min_mass 0.05
-    assert float(expected.sum()) < 0.05 and strict([conversation], [reaction]) == [None]
+    calibrated = get_reward("reaction_judge", model=model_dir, min_mass=0.0)
+    prior = torch.stack([by_hand(r) for r in CONTENT_FREE]).mean(0)
+    torch.testing.assert_close(calibrated._fn.prior, prior)
+    assert calibrated([conversation], [reaction]) == [(1.0, -1.0, 0.0)[int((expected / prior).argmax())]]
+    strict = get_reward("reaction_judge", model=model_dir, min_mass=0.5)
+    assert float(expected.sum()) < 0.5 and strict([conversation], [reaction]) == [None]
     path = _write(tmp_path / "logs.jsonl", LOGS[:1])
-    assert main(["data", "feedback", path, "--output", str(tmp_path / "o.jsonl"), "--judge", model_dir]) == 2
+    argv = ["data", "feedback", path, "--output", str(tmp_path / "o.jsonl"), "--judge", model_dir]
+    assert main(argv + ["--reward-arg", "min_mass=0.5"]) == 2
     captured = capsys.readouterr()
     assert "2 with a reaction: 0 desirable, 0 undesirable, 0 neither, 2 unclear" in captured.out
     assert captured.err.strip().endswith("the classifier could not label any of the 2 reactions (all unclear)")
+    (tmp_path / "t.txt").write_text("How did they take it? {conversation}")
+    assert main(argv + ["--judge-template", str(tmp_path / "t.txt")]) == 2
+    assert "the template has no {reaction} placeholder" in capsys.readouterr().err
 
 
 def test_bad_logs_are_one_line_errors(tmp_path, capsys):
