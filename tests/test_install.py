@@ -63,7 +63,9 @@ def test_the_wheel_carries_the_sample_data(installed):
 
     _, _, wheel = installed
     names = set(zipfile.ZipFile(wheel).namelist())
-    for sample in ("arithmetic.jsonl", "conversational.jsonl", "hh_style.jsonl"):
+    from prefopt.bench.samples import NAMES
+
+    for sample in NAMES:  # every packaged sample, the feedback logs and standard pairs too
         assert f"prefopt/bench/samples/{sample}" in names
     assert not any(name.startswith(("tests/", "data_samples/")) for name in names)
 

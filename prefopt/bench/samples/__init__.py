@@ -7,7 +7,7 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
-NAMES = ("arithmetic.jsonl", "conversational.jsonl", "hh_style.jsonl")
+NAMES = ("arithmetic.jsonl", "conversational.jsonl", "feedback_logs.jsonl", "hh_style.jsonl", "standard.jsonl")
 
 
 def sample_path(name: str) -> Path:
