@@ -16,9 +16,11 @@ of the same samples. The table: held-out greedy number_match and exact_match bef
 feedback: `prefopt data feedback` labels data_samples/feedback_logs.jsonl with the keyword rule
 and with the model itself as the judge; each labeller's agreement with the logs' `annotation`
 is counted. KTO trains on each labelling (desirable_weight from KTO's rule), and the table
-reports, on held-out pairs (the data_samples/standard.jsonl questions no log asks, as chat
-turns: the right answer chosen, the wrong or rude one rejected), how often the model prefers the
-chosen answer (own mean token log-prob) and the per-token log-prob margin, before and after.
+reports, on two held-out sets, how often the model prefers the chosen answer (own mean token
+log-prob) and the per-token log-prob margin, before and after, and the implicit-reward accuracy
+after: the data_samples/standard.jsonl questions no log asks (the right or polite answer chosen,
+the wrong or rude one rejected), and the single-digit sums of arithmetic.jsonl no log asks
+(the right sum chosen, a wrong one rejected).
 """
 
 from __future__ import annotations
@@ -126,11 +128,42 @@ def refine_table(result: dict, args) -> str:
 # -- feedback -> KTO -------------------------------------------------------------------------------
 
 
-def _held_out_pairs(logs: Path, out: Path) -> Path:
-    """The standard.jsonl questions no log asks, as conversational pairs."""
+def _asked(logs: Path) -> set[str]:
     asked = set()
     for line in logs.read_text().splitlines():
         asked.update(m["content"] for m in json.loads(line)["messages"] if m["role"] == "user")
+    return asked
+
+
+def _held_out_sums(logs: Path, out: Path, seed: int = 0) -> Path:
+    """The single-digit sums of arithmetic.jsonl that no log asks, as conversational pairs: the right
+    sum ("4 + 6 = 10.", the logs' answer style) chosen, a wrong one (off by -3..5, seeded) rejected."""
+    import random
+
+    rng, asked, rows = random.Random(seed), _asked(logs), []
+    for line in sample_path("arithmetic.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        question = row["prompt"][-1]["content"]
+        if any(question in message for message in asked):
+            continue
+        a, b = question.removeprefix("What is ").removesuffix("?").split(" + ")
+        right = int(row["answer"])
+        wrong = right + rng.choice([-3, -2, -1, 1, 2, 5])
+        rows.append(
+            {
+                "prompt": row["prompt"],
+                "chosen": [{"role": "assistant", "content": f"{a} + {b} = {right}."}],
+                "rejected": [{"role": "assistant", "content": f"{a} + {b} = {wrong}."}],
+            }
+        )
+    path = out / "held_out_sums.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _held_out_pairs(logs: Path, out: Path) -> Path:
+    """The standard.jsonl questions no log asks, as conversational pairs."""
+    asked = _asked(logs)
     rows = []
     for line in sample_path("standard.jsonl").read_text().splitlines():
         row = json.loads(line)
@@ -175,8 +208,8 @@ def feedback(args) -> dict:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     logs = sample_path("feedback_logs.jsonl")
-    held_out = _held_out_pairs(logs, out)
-    result = {"held_out_pairs": _count(held_out), "labellers": {}, "runs": {}}
+    held_out = {"questions": _held_out_pairs(logs, out), "sums": _held_out_sums(logs, out, args.seed)}
+    result = {"held_out": {name: _count(path) for name, path in held_out.items()}, "labellers": {}, "runs": {}}
     labellings = {
         "keywords": ("reaction_keywords", []),
         "judge": ("reaction_judge", ["--judge", args.model]),
@@ -194,33 +227,43 @@ def feedback(args) -> dict:
         n_u = len(records) - n_d
         weight = round(7 / 6 * n_u / n_d, 2)  # the middle of KTO's interval [n_U/n_D, 4/3 n_U/n_D]
         final = _train(args, "kto", path, f"kto-{name}", "--loss-arg", f"desirable_weight={weight}")
-        metrics = evaluate(str(Path(final).parent), data=[str(held_out)], max_length=160)
         result["runs"][name] = {
             "examples": len(records),
             "desirable": n_d,
             "undesirable": n_u,
             "desirable_weight": weight,
-            **{k: metrics[k] for k in ("reference_prefers_chosen", "policy_prefers_chosen")},
-            **{k: metrics[k] for k in ("reference_logp_margin", "logp_margin")},
         }
+        for held, path in held_out.items():
+            metrics = evaluate(str(Path(final).parent), data=[str(path)], max_length=160)
+            keys = ("reference_prefers_chosen", "policy_prefers_chosen", "reference_logp_margin", "logp_margin")
+            result["runs"][name][held] = {k: metrics[k] for k in (*keys, "reward_accuracy")}
         print(f"{name}: {json.dumps(result['runs'][name])}", flush=True)
     return result
 
 
 def feedback_table(result: dict) -> str:
+    held = result["held_out"]
     rows = [
-        f"{result['held_out_pairs']} held-out pairs",
-        "| labeller | agrees with the annotation | KTO data (desirable / undesirable, weight) "
-        "| prefers the chosen answer, before → after | log-prob margin, before → after |",
-        "|---|---|---|---|---|",
+        f"held out: {held['questions']} questions no log asks (capitals, sums, advice; right or polite answer "
+        f"chosen) and {held['sums']} single-digit sums (right sum chosen, a wrong one rejected)",
+        "| labeller | agrees with the annotation | KTO data: desirable / undesirable (weight) "
+        "| questions: prefers chosen, before → after; log-prob margin | sums: prefers chosen; log-prob margin "
+        "| sums: implicit-reward accuracy |",
+        "|---|---|---|---|---|---|",
     ]
     for name, labeller in result["labellers"].items():
         run = result["runs"][name]
+        cells = []
+        for part in ("questions", "sums"):
+            m = run[part]
+            cells.append(
+                f"{m['reference_prefers_chosen']:.2f} → {m['policy_prefers_chosen']:.2f}; "
+                f"{m['reference_logp_margin']:.3f} → {m['logp_margin']:.3f}"
+            )
         rows.append(
-            f"| {name} | {labeller['accuracy']:.2f} of {labeller['reactions']} | {run['examples']} "
-            f"({run['desirable']} / {run['undesirable']}, {run['desirable_weight']}) "
-            f"| {run['reference_prefers_chosen']:.2f} → {run['policy_prefers_chosen']:.2f} "
-            f"| {run['reference_logp_margin']:.3f} → {run['logp_margin']:.3f} |"
+            f"| {name} | {labeller['accuracy']:.2f} of {labeller['reactions']} | {run['desirable']} / "
+            f"{run['undesirable']} ({run['desirable_weight']}) | {cells[0]} | {cells[1]} "
+            f"| {run['sums']['reward_accuracy']:.2f} |"
         )
     return "\n".join(rows)
 

@@ -32,3 +32,20 @@ def test_keyword_agreement_with_the_annotation():
         "positive->positive": 31,
     }
     assert abs(result["accuracy"] - 76 / 79) < 1e-12
+
+
+def test_held_out_sums_are_right_against_wrong_and_unasked(tmp_path):
+    """The 81 single-digit sums less those a log asks; each pair's chosen sum is right, its rejected
+    one wrong, both in the logs' answer style ("4 + 6 = 10.")."""
+    from prefopt.bench.data_recipes import _held_out_sums
+
+    logs = sample_path("feedback_logs.jsonl")
+    rows = [json.loads(line) for line in _held_out_sums(logs, tmp_path).read_text().splitlines()]
+    asked = " ".join(m["content"] for line in logs.read_text().splitlines() for m in json.loads(line)["messages"])
+    unasked = [f"What is {a} + {b}?" for a in range(1, 10) for b in range(1, 10) if f"What is {a} + {b}?" not in asked]
+    assert sorted(r["prompt"][0]["content"] for r in rows) == sorted(unasked) and len(rows) > 70
+    for row in rows:
+        a, b = map(int, row["prompt"][0]["content"][len("What is ") : -1].split(" + "))
+        assert row["chosen"][0]["content"] == f"{a} + {b} = {a + b}."
+        wrong = int(row["rejected"][0]["content"].split("= ")[1].rstrip("."))
+        assert wrong != a + b
