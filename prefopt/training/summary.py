@@ -18,6 +18,7 @@ def build_summary(
         "seconds": round(seconds, 2),
         "tokens_per_s": last.get("tokens_per_s"),
         "final_loss": last.get("loss"),
+        "final_loss_step": last.get("step"),  # the last logged step: not the final one between logging steps
         "reward_accuracy": last.get("rewards/accuracies"),
         "reward_margin": last.get("rewards/margins"),
         "reward_chosen": last.get("rewards/chosen"),
@@ -67,6 +68,9 @@ def print_summary(summary: dict, final_dir: Path, paired: bool = True) -> None:
         f"loss {_fmt(summary['final_loss'])}",
         *_reward_parts(summary, paired),
     ]
+    logged = summary.get("final_loss_step")
+    if logged is not None and logged != summary["steps"]:  # e.g. 8 steps logged every 10: step 1's figures
+        parts[2] += f" (at step {logged}, the last logged: --logging-steps)"
     print("prefopt: done: " + ", ".join(parts))
     for label, prefix in (("before", "eval_before_"), ("after", "eval_")):
         values = {k[len(prefix) :]: v for k, v in summary[f"eval_{label}"].items()}

@@ -70,6 +70,15 @@ def test_kto_summary_names_what_kto_reports(tmp_path, tiny_model_dir, capsys):
     done = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("prefopt: done:"))
     assert "reward desirable" in done and "reward undesirable" in done and "KL estimate" in done
     assert "None" not in done and "accuracy" not in done
+    assert "the last logged" not in done  # step 2 was logged: its figures are the final ones
+
+
+def test_summary_says_when_its_loss_is_from_an_earlier_step(tmp_path, tiny_model_dir, capsys):
+    """3 steps logged every 10: only step 1 is logged (logging_first_step), so the closing line's loss
+    is step 1's, and it says so instead of passing it off as the final loss."""
+    run(tmp_path, tiny_model_dir, max_steps=3, batch_size=4, logging_steps=10)
+    done = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("prefopt: done:"))
+    assert "(at step 1, the last logged: --logging-steps)" in done
 
 
 def test_a_plain_dpo_run_prints_only_prefopt_lines_and_the_progress_bar(tmp_path, tiny_model_dir):
