@@ -11,7 +11,8 @@ scored by number_match; the same model then refines the wrong ones (`pairs --ref
 with a template that gives it the known answer, `{answer}`), and the refinements that score
 higher make pairs (and SFT data). Three runs from the untrained model: DPO on the refinement
 pairs, SFT on the refinements, and, for comparison, DPO on the model's own best-vs-worst pairs
-of the same samples. The table: held-out greedy number_match and exact_match before and after.
+of the same samples. The table: held-out greedy number_match and exact_match before and after,
+and an A/B of the two DPO runs on the held-out prompts (`prefopt eval --against`).
 
 feedback: `prefopt data feedback` labels data_samples/feedback_logs.jsonl with the keyword rule
 and with the model itself as the judge; each labeller's agreement with the logs' `annotation`
@@ -80,8 +81,9 @@ def refine(args) -> dict:
     prompts_file = sample_path("arithmetic.jsonl")
     lines = [line for line in prompts_file.read_text().splitlines() if line.strip()]
     held_out = load_prompts([str(prompts_file)])[0][: args.held_out]
-    train_prompts = out / "train_prompts.jsonl"
+    train_prompts, held_out_prompts = out / "train_prompts.jsonl", out / "held_out_prompts.jsonl"
     train_prompts.write_text("".join(line + "\n" for line in lines[args.held_out :]))
+    held_out_prompts.write_text("".join(line + "\n" for line in lines[: args.held_out]))
     template = out / "refine_template.txt"
     template.write_text(REFINE_TEMPLATE)
     samples, refined, sft, own = (out / n for n in ("samples.jsonl", "refined.jsonl", "sft.jsonl", "own.jsonl"))
@@ -104,6 +106,13 @@ def refine(args) -> dict:
     for name, loss, data in (("dpo-refined", "dpo", refined), ("sft-refined", "sft", sft), ("dpo-own", "dpo", own)):
         result["runs"][name] = _held_out_rewards(_train(args, loss, data, name), held_out, 24)
         print(f"{name}: {json.dumps(result['runs'][name])}", flush=True)
+    printed = _prefopt(
+        "eval", "--model", str(out / "dpo-refined"), "--against", str(out / "dpo-own"),
+        "--prompts", str(held_out_prompts), "--reward", "number_match", "--max-new-tokens", "24", "--json",
+    )  # fmt: skip
+    generation = json.loads(printed.strip().splitlines()[-1])["generation"]
+    keys = ("win_rate", "win_rate_ci95", "sign_test_p", "prompts_won", "prompts_lost", "prompts_tied")
+    result["a_b"] = {key: generation[key] for key in keys}
     return result
 
 
@@ -122,6 +131,13 @@ def refine_table(result: dict, args) -> str:
             f"| {name} | {result['counts'][what]} {what} | {run['number_match']:.3f} | {run['exact_match']:.3f} "
             f"| {run['example']!r} |"
         )
+    ab = result["a_b"]
+    low, high = ab["win_rate_ci95"]
+    rows.append(
+        f"\nA/B, dpo-refined against dpo-own (`prefopt eval --against`): win rate {ab['win_rate']:.3f}, "
+        f"95% interval {low:.2f}-{high:.2f}, sign test p = {ab['sign_test_p']:.3g} "
+        f"({ab['prompts_won']} prompts won, {ab['prompts_lost']} lost, {ab['prompts_tied']} tied)"
+    )
     return "\n".join(rows)
 
 
