@@ -29,12 +29,17 @@ def _cmd_rewards(args: argparse.Namespace) -> int:
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     from prefopt.data.formats import load_prompts
+    from prefopt.iterative.sample_job import progress_path, run_sample_job
     from prefopt.models.inference import load_for_inference
-    from prefopt.models.rollout import SampleStats, sample_prompts, sample_records, score_samples, write_jsonl
 
     settings = sample_settings(args)
     if Path(args.output).exists() and not args.overwrite:
         raise PrefoptError(f"{args.output} exists; choose another --output or pass --overwrite")
+    if progress_path(args.output).exists() and not (args.resume or args.overwrite):
+        raise PrefoptError(
+            f"{args.output}: a stopped sampling job left {progress_path(args.output)}: pass --resume to continue "
+            "it, or --overwrite to start again"
+        )  # before any model loads
     prompts, report = load_prompts(args.prompts)
     if args.limit:
         prompts = prompts[: args.limit]
@@ -42,20 +47,25 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         print(f"prefopt: {report.duplicates} duplicate prompts dropped")
     reward = make_reward(args)
     model, tokenizer = load_for_inference(args.model, dtype=args.dtype)
-    stats = SampleStats()
-    samples = sample_prompts(model, tokenizer, prompts, settings, stats)
-    rewards, unscorable = score_samples(reward, prompts, samples) if reward else (None, 0)
-    write_jsonl(args.output, sample_records(prompts, samples, rewards), overwrite=args.overwrite)
+    job = run_sample_job(
+        model, tokenizer, args.model, prompts, settings, reward, args.output, args.resume, args.overwrite
+    )
+    stats, records = job["stats"], job["records"]
+    kept = f"; {job['resumed']} prompts kept from the stopped job" if job["resumed"] else ""
+    finished = sum(sum(r["finished"]) for r in records)
     print(
-        f"prefopt: {stats.completions} completions of {stats.prompts} prompts in {stats.seconds:.1f}s "
-        f"({stats.tokens_per_s:.0f} completion tokens/s), {stats.finished} ended with EOS -> {args.output}"
+        f"prefopt: {sum(len(r['completions']) for r in records)} completions of {len(records)} prompts, "
+        f"{finished} ended with EOS -> {args.output} (sampled {stats.prompts} prompts in {stats.seconds:.1f}s, "
+        f"{stats.tokens_per_s:.0f} completion tokens/s{kept})"
     )
     warning = stats.empty_warning(chat_model=bool(getattr(tokenizer, "chat_template", None)))
     if warning:
         print(f"prefopt: warning: {warning}")
-    if rewards is not None:
-        scored = [r for group in rewards for r in group if r is not None]
+    if reward is not None:
+        scores = [r for record in records for r in record["rewards"]]
+        scored = [r for r in scores if r is not None]
         mean = sum(scored) / len(scored) if scored else float("nan")
+        unscorable = len(scores) - len(scored)
         print(f"prefopt: reward {reward.name}: mean {mean:.4f} over {len(scored)}, {unscorable} unscorable (dropped)")
     return 0
 
@@ -203,6 +213,9 @@ def add_commands(commands) -> None:
     add_reward_options(sample)
     sample.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     sample.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    sample.add_argument(
+        "--resume", action="store_true", help="continue a stopped job (its .OUTPUT.partial) without redoing its batches"
+    )
     sample.add_argument(
         "--no-shared-prefill", action="store_true", help="plain generate(num_return_sequences=N), for comparison"
     )

@@ -90,7 +90,7 @@ def _sample(model_path: str, prompts, settings: IterateSettings, reward, greedy:
         max_prompt_length=config.max_prompt_length,
     )
     model, tokenizer = load_for_inference(model_path)
-    samples = sample_prompts(model, tokenizer, prompts, sample_settings)
+    samples = sample_prompts(model, tokenizer, prompts, sample_settings, progress="prefopt: sampling")
     del model
     rewards, _ = score_samples(reward, prompts, samples)
     return sample_records(prompts, samples, rewards), rewards

@@ -196,43 +196,76 @@ def split_completion(tokens: list[int], eos: set[int], pad_id: int) -> tuple[lis
     return tokens, False
 
 
-def sample_prompts(
-    model, tokenizer, prompts: list, settings: SampleSettings, stats: SampleStats | None = None
-) -> list[Samples]:
-    """N completions for each prompt (text or messages, as training renders them); in prompt order."""
+def prompt_rows(tokenizer, prompts: list, settings: SampleSettings) -> list[list[int]]:
+    """Each prompt's token ids as sampling feeds them (rendered as training renders them, cut to
+    the last max_prompt_length tokens)."""
     from prefopt.data.tokenize import PreferenceTokenizer
 
-    stats = stats if stats is not None else SampleStats()
     tokenizing = PreferenceTokenizer(tokenizer, max_length=2)
     rows = []
     for prompt in prompts:
         ids = tokenizing.prompt_ids(prompt.prompt if isinstance(prompt, PromptExample) else prompt)[0]
         rows.append(ids[-settings.max_prompt_length :] if settings.max_prompt_length else ids)
+    return rows
+
+
+def batch_plan(rows: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Prompt indices in generate batches of similar lengths: longest first, equal lengths in input
+    order. Left padding to a batch's longest prompt is then small, and the longest batch runs first
+    (it fails at once if memory is short). Batch k is sampled under seed + k, so any batch can be
+    sampled again alone (a resumed job) and give what it gave before."""
+    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def sample_batch(model, tokenizer, rows: list[list[int]], settings: SampleSettings, seed: int, stats=None):
+    """The N samples of each of `rows` (one generate call), in the rows' order."""
     config = generation_config(model, tokenizer, settings)
     eos = set(config.eos_token_id)
     device = next(model.parameters()).device
     n = settings.num_samples
-    results: list[Samples] = []
     started = time.perf_counter()
-    for batch_index, start in enumerate(range(0, len(rows), settings.batch_size)):
-        batch = rows[start : start + settings.batch_size]
-        torch.manual_seed(settings.seed + batch_index)  # reproducible, batch by batch
-        input_ids, mask = left_pad(batch, tokenizer.pad_token_id, device)
-        new = generate_batch(model, input_ids, mask, n, config, settings.shared_prefill).tolist()
+    torch.manual_seed(seed)  # reproducible, batch by batch
+    input_ids, mask = left_pad(rows, tokenizer.pad_token_id, device)
+    new = generate_batch(model, input_ids, mask, n, config, settings.shared_prefill).tolist()
+    results = []
+    for i, prompt_ids in enumerate(rows):
+        kept = [split_completion(tokens, eos, tokenizer.pad_token_id) for tokens in new[i * n : (i + 1) * n]]
+        ids = [k[0] for k in kept]
+        finished = [k[1] for k in kept]
+        texts = [tokenizer.decode(t[:-1] if f else t) for t, f in zip(ids, finished, strict=True)]
+        results.append(Samples(prompt_ids, ids, texts, finished))
+    if stats is not None:
         copies = 1 if settings.shared_prefill or settings.temperature == 0 else n
         stats.prefill_tokens += int(mask.sum()) * copies
-        for i, prompt_ids in enumerate(batch):
-            kept = [split_completion(tokens, eos, tokenizer.pad_token_id) for tokens in new[i * n : (i + 1) * n]]
-            ids = [k[0] for k in kept]
-            finished = [k[1] for k in kept]
-            texts = [tokenizer.decode(t[:-1] if f else t) for t, f in zip(ids, finished, strict=True)]
-            results.append(Samples(prompt_ids, ids, texts, finished))
-            stats.empty += sum(not text.strip() for text in texts)
-            stats.completion_tokens += sum(map(len, ids))
-            stats.finished += sum(finished)
-    stats.seconds += time.perf_counter() - started
-    stats.prompts += len(rows)
-    stats.completions += len(rows) * n
+        for group in results:
+            stats.empty += sum(not text.strip() for text in group.completions)
+            stats.completion_tokens += sum(map(len, group.completion_ids))
+            stats.finished += sum(group.finished)
+        stats.seconds += time.perf_counter() - started
+        stats.prompts += len(rows)
+        stats.completions += len(rows) * n
+    return results
+
+
+def sample_prompts(
+    model, tokenizer, prompts: list, settings: SampleSettings, stats: SampleStats | None = None, progress: str = ""
+) -> list[Samples]:
+    """N completions for each prompt (text or messages, as training renders them), in prompt order;
+    generated in batches of similar lengths (`batch_plan`). `progress`: a bar's label (a terminal
+    shows it with its ETA; none when empty)."""
+    from tqdm.auto import tqdm
+
+    stats = stats if stats is not None else SampleStats()
+    rows = prompt_rows(tokenizer, prompts, settings)
+    results: list[Samples | None] = [None] * len(rows)
+    bar = tqdm(total=len(rows), unit="prompt", desc=progress, disable=None if progress else True)
+    for k, batch in enumerate(batch_plan(rows, settings.batch_size)):
+        groups = sample_batch(model, tokenizer, [rows[i] for i in batch], settings, settings.seed + k, stats)
+        for i, group in zip(batch, groups, strict=True):
+            results[i] = group
+        bar.update(len(batch))
+    bar.close()
     stats.plain_prompts += sum(isinstance(p.prompt if isinstance(p, PromptExample) else p, str) for p in prompts)
     return results
 
