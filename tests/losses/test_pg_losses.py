@@ -207,7 +207,7 @@ class _TrlSelf:
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 def test_grpo_matches_trl(loss_type):
-    trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
+    pytest.importorskip("trl.trainer.grpo_trainer")
     torch.manual_seed(0)
     lengths = [3, 1, 4, 2, 4, 3]  # 2 prompts x G = 3; padded to 4
     rewards = [1.0, 0.0, 0.5, 0.0, 0.0, 1.0]
@@ -222,20 +222,9 @@ def test_grpo_matches_trl(loss_type):
 
     advantages = grpo_advantages(t(*rewards), torch.tensor(groups))
 
-    trl_logps = logps.clone().requires_grad_(True)
-    fake = _TrlSelf(trl_logps, loss_type, beta, epsilon, epsilon_high, max_len)
-    trl_inputs = {
-        "prompt_ids": torch.zeros(n, 1, dtype=torch.long),
-        "prompt_mask": torch.ones(n, 1, dtype=torch.long),
-        "completion_ids": torch.zeros(n, width, dtype=torch.long),
-        "completion_mask": mask,
-        "advantages": advantages,
-        "old_per_token_logps": old,
-        "ref_per_token_logps": ref,
-        "num_items_in_batch": mask.sum().double(),
-    }
-    trl_loss = trl_grpo.GRPOTrainer._compute_loss(fake, None, trl_inputs)
-    trl_loss.backward()
+    trl_loss, trl_grad, fake = _trl_loss(
+        loss_type, "token", logps, ref, old, mask, advantages, beta, epsilon, epsilon_high, max_len
+    )
 
     keep = mask.bool()
     flat = logps[keep].clone().requires_grad_(True)
@@ -245,7 +234,7 @@ def test_grpo_matches_trl(loss_type):
     ours.loss.backward()
 
     close(ours.loss, trl_loss.detach(), tol=1e-12)
-    close(flat.grad, trl_logps.grad[keep], tol=1e-12)
+    close(flat.grad, trl_grad[keep], tol=1e-12)
     close(ours.metrics["kl"], fake._metrics["train"]["kl"][0], tol=1e-12)
     close(ours.metrics["clip_ratio"], fake._metrics["train"]["clip_ratio/region_mean"][0], tol=1e-7)  # TRL: float32
     assert 0 < ours.metrics["clip_ratio"] < 1  # the comparison covered clipped and unclipped tokens
@@ -264,3 +253,114 @@ def test_half_precision_inputs_are_computed_in_float32(name, dtype):
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
     assert torch.allclose(out.loss, get_loss(name)(inputs(torch.float32)).loss, atol=1e-2)
     assert all(math.isfinite(float(v)) for v in out.metrics.values())
+
+
+# -- GSPO and CISPO: hand values with rho != 1, and TRL 1.x's own code ------------------------------
+
+
+def test_gspo_sequence_ratio_by_hand():
+    """One group of two completions (rewards 1, 0: A = +-a, a = 0.5 / (sqrt(0.5) + 1e-4)).
+    Row 0: tokens 0, 1 with log-ratios logp - old = (0.1, -0.3): s_0 = e^(-0.1) = 0.904837, below
+    1 - 3e-4; A > 0 so min(s A, clip(s) A) = s A: loss_0 = -a s_0. Row 1: token 2 with log-ratio
+    0.2: s_1 = e^0.2 = 1.221403 above 1 + 4e-4; A < 0 so min(-a s, -a 1.0004) = -a s_1 (unclipped,
+    the larger magnitude): loss_1 = a s_1. loss = (-a s_0 + a s_1) / 2.
+    Gradients: d loss / d logp_t = A s / (2 |y|): row 0's tokens -a s_0 / 4 each, row 1's a s_1 / 2.
+    No clip was active (the unclipped term won both times): clip_ratio 0."""
+    old = t(LOGPS[0] - 0.1, LOGPS[1] + 0.3, LOGPS[2] - 0.2)
+    inputs = grpo_inputs(old=old)
+    out = get_loss("gspo")(inputs)
+    s0, s1 = math.exp(-0.1), math.exp(0.2)
+    close(out.loss, (-A * s0 + A * s1) / 2)
+    out.loss.backward()
+    close(inputs.token_logps.grad, [-A * s0 / 4, -A * s0 / 4, A * s1 / 2])
+    close(out.metrics["clip_ratio"], 0.0)
+
+
+def test_gspo_clip_holds_a_sequence_and_kl_is_a_per_completion_mean():
+    """Row 0 with log-ratios (0.3, 0.3): s_0 = e^0.3 > 1 + 4e-4 and A > 0: the clipped term wins,
+    loss_0 = -a (1 + 4e-4) with no gradient; row 1 unchanged from above (s_1 = 1: old = logp).
+    beta 0.1 adds beta * mean_t k3 per completion: (K3_0 + K3_1) / 2 for row 0, K3_2 for row 1."""
+    old = t(LOGPS[0] - 0.3, LOGPS[1] - 0.3, LOGPS[2])
+    inputs = grpo_inputs(old=old)
+    out = get_loss("gspo")(inputs, beta=0.1)
+    expected = (-A * (1 + 4e-4) + 0.1 * (K3[0] + K3[1]) / 2 + A * 1.0 + 0.1 * K3[2]) / 2
+    close(out.loss, expected)
+    out.loss.backward()
+    close(inputs.token_logps.grad, [0.1 * DK3[0] / 4, 0.1 * DK3[1] / 4, A / 2 + 0.1 * DK3[2] / 2])
+    close(out.metrics["clip_ratio"], 0.5)  # one of two completions held by the clip
+
+
+def test_cispo_clipped_weight_by_hand():
+    """Token log-ratios (1.8, 0.0, -0.5): rho = (e^1.8 = 6.0496, 1, e^-0.5); the weight sg(min(rho, 5))
+    = (5, 1, e^-0.5). A = (a, a, -a) by token. Per token -w A logp, mean over the 3 tokens:
+    loss = -(5 a (-1.0) + a (-0.5) - e^-0.5 a (-2.0)) / 3; gradient -w A / 3 per token (the capped
+    token keeps its gradient, at weight 5). clip_ratio: 1 of 3 tokens over the cap with A > 0."""
+    old = t(LOGPS[0] - 1.8, LOGPS[1], LOGPS[2] + 0.5)
+    inputs = grpo_inputs(old=old)
+    out = get_loss("cispo")(inputs)
+    w = (5.0, 1.0, math.exp(-0.5))
+    adv = (A, A, -A)
+    close(out.loss, sum(-wi * ai * li for wi, ai, li in zip(w, adv, LOGPS, strict=True)) / 3)
+    out.loss.backward()
+    close(inputs.token_logps.grad, [-wi * ai / 3 for wi, ai in zip(w, adv, strict=True)])
+    close(out.metrics["clip_ratio"], 1 / 3)
+
+
+def _trl_loss(loss_type, level, logps, ref, old, mask, advantages, beta, epsilon, epsilon_high, max_len=5):
+    trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
+    n, width = logps.shape
+    trl_logps = logps.clone().requires_grad_(True)
+    fake = _TrlSelf(trl_logps, loss_type, beta, epsilon, epsilon_high, max_len)
+    fake.importance_sampling_level = level
+    trl_inputs = {
+        "prompt_ids": torch.zeros(n, 1, dtype=torch.long),
+        "prompt_mask": torch.ones(n, 1, dtype=torch.long),
+        "completion_ids": torch.zeros(n, width, dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": advantages,
+        "old_per_token_logps": old,
+        "ref_per_token_logps": ref,
+        "num_items_in_batch": mask.sum().double(),
+    }
+    loss = trl_grpo.GRPOTrainer._compute_loss(fake, None, trl_inputs)
+    loss.backward()
+    return loss.detach(), trl_logps.grad, fake
+
+
+@pytest.mark.parametrize("name", ["gspo", "cispo"])
+def test_gspo_and_cispo_match_trl(name):
+    """GSPO = TRL's importance_sampling_level="sequence" with loss_type="grpo"; CISPO = TRL's
+    loss_type="cispo" (its epsilon_high is our epsilon_max). Old log-probs differ from the current
+    ones so ratios leave the clip range; loss and gradient equal to 1e-12 in float64."""
+    torch.manual_seed(1)
+    lengths, rewards, groups = [3, 1, 4, 2, 4, 3], [1.0, 0.0, 0.5, 0.0, 0.0, 1.0], [0, 0, 0, 1, 1, 1]
+    n, width = len(lengths), max(lengths)
+    mask = torch.tensor([[1] * k + [0] * (width - k) for k in lengths], dtype=torch.long)
+    logps = -torch.rand(n, width, dtype=torch.float64) * 3
+    ref = logps + torch.randn(n, width, dtype=torch.float64) * 0.3
+    old = logps + torch.randn(n, width, dtype=torch.float64) * (0.02 if name == "gspo" else 1.0)
+    from prefopt.losses._advantages import grpo_advantages
+
+    advantages = grpo_advantages(t(*rewards), torch.tensor(groups))
+    beta = 0.04
+    if name == "gspo":
+        settings = {"beta": beta, "epsilon": 3e-4, "epsilon_high": 4e-4}
+        trl = _trl_loss("grpo", "sequence", logps, ref, old, mask, advantages, beta, 3e-4, 4e-4)
+    else:
+        settings = {"beta": beta, "epsilon_max": 2.0}
+        trl = _trl_loss("cispo", "token", logps, ref, old, mask, advantages, beta, 0.2, 2.0)
+    trl_loss, trl_grad, fake = trl
+    keep = mask.bool()
+    flat = logps[keep].clone().requires_grad_(True)
+    rows = torch.arange(n)[:, None].expand(n, width)[keep].tolist()
+    inputs = rollout_inputs(flat, ref[keep], rows, rewards, groups, old=old[keep])
+    ours = get_loss(name)(inputs, **settings)
+    ours.loss.backward()
+    close(ours.loss, trl_loss, tol=1e-12)
+    close(flat.grad, trl_grad[keep], tol=1e-12)
+    close(ours.metrics["kl"], fake._metrics["train"]["kl"][0], tol=1e-12)
+    if name == "cispo":
+        close(ours.metrics["clip_ratio"], fake._metrics["train"]["cispo_clip_ratio"][0], tol=1e-7)
+        assert 0 < ours.metrics["clip_ratio"] < 1  # some weights capped, some not
+    else:
+        assert 0 < ours.metrics["clip_ratio"] < 1  # some completions clipped, some not

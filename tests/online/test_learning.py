@@ -45,7 +45,15 @@ def digit_probability(model, setup) -> float:
     "loss,learning_rate",
     # ReMax's greedy baseline here is a non-digit (reward 0), so only the rare digit samples carry a
     # signal (RLOO's and GRPO's non-digits get negative advantages too): it gets twice the step size.
-    [("grpo", 1e-2), ("rloo", 1e-2), ("remax", 2e-2), ("reinforce_pp", 1e-2), ("ppo", 1e-2)],
+    [
+        ("grpo", 1e-2),
+        ("gspo", 1e-2),
+        ("cispo", 1e-2),
+        ("rloo", 1e-2),
+        ("remax", 2e-2),
+        ("reinforce_pp", 1e-2),
+        ("ppo", 1e-2),
+    ],
 )
 def test_each_online_loss_raises_a_one_token_targets_probability(setup, tmp_path, loss, learning_rate):
     from transformers import AutoModelForCausalLM
