@@ -73,7 +73,7 @@ def _count(path: Path) -> int:
 
 
 def refine(args) -> dict:
-    from prefopt.bench.online import _held_out_rewards
+    from prefopt.bench.online import held_out_rewards
     from prefopt.data.formats import load_prompts
 
     out = Path(args.output_dir)
@@ -101,10 +101,10 @@ def refine(args) -> dict:
     result = {
         "pairs": printed.strip().splitlines()[0],
         "counts": {"refinement pairs": _count(refined), "refinements (SFT)": _count(sft), "own pairs": _count(own)},
-        "runs": {"untrained": _held_out_rewards(args.model, held_out, 24)},
+        "runs": {"untrained": held_out_rewards(args.model, held_out, 24)},
     }
     for name, loss, data in (("dpo-refined", "dpo", refined), ("sft-refined", "sft", sft), ("dpo-own", "dpo", own)):
-        result["runs"][name] = _held_out_rewards(_train(args, loss, data, name), held_out, 24)
+        result["runs"][name] = held_out_rewards(_train(args, loss, data, name), held_out, 24)
         print(f"{name}: {json.dumps(result['runs'][name])}", flush=True)
     printed = _prefopt(
         "eval", "--model", str(out / "dpo-refined"), "--against", str(out / "dpo-own"),

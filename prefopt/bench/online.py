@@ -33,7 +33,7 @@ def _peak_memory_mb() -> float:
     return peak_memory(torch.cuda.is_available())[0] / 2**20
 
 
-def _held_out_rewards(model_path: str, prompts: list, max_new_tokens: int) -> dict:
+def held_out_rewards(model_path: str, prompts: list, max_new_tokens: int) -> dict:
     """Greedy answers of `model_path` to `prompts`, scored by number_match and exact_match."""
     from prefopt.models.inference import load_for_inference
     from prefopt.models.rollout import SampleSettings, sample_prompts, score_samples
@@ -66,7 +66,7 @@ def _worker(args) -> dict:
     """One loss trained and evaluated (or, for loss "base", the untrained model evaluated)."""
     held_out, train_file = _split(args)
     if args.worker == "base":
-        return {"loss": "base", **_held_out_rewards(args.model, held_out, args.max_new_tokens)}
+        return {"loss": "base", **held_out_rewards(args.model, held_out, args.max_new_tokens)}
     from prefopt import TrainConfig, train
 
     config = TrainConfig(
@@ -101,7 +101,7 @@ def _worker(args) -> dict:
         "step_s": step_s,
         "generation_share": generation / step_s if step_s else None,
         "peak_mb": peak,
-        **_held_out_rewards(str(result.final_dir), held_out, args.max_new_tokens),
+        **held_out_rewards(str(result.final_dir), held_out, args.max_new_tokens),
     }
 
 

@@ -150,10 +150,15 @@ def _round_model(run_final: Path, folder: Path) -> str:
 
 
 def _train_config(base, model_path: str, reference: str, data: Path, output_dir: Path, round_index: int):
+    """The round's TrainConfig. A round stopped mid-training continues from its newest checkpoint
+    (exactly, as `prefopt train --resume`); one stopped before its first checkpoint trains again."""
+    from prefopt.training.outputs import checkpoints
+
     changes = {"model": model_path, "data": [str(data)], "output_dir": str(output_dir), "eval_data": []}
     changes["seed"] = base.seed + round_index
-    changes["overwrite"] = output_dir.exists() and not (output_dir / "final").exists()  # a stopped round retrains
-    changes["resume"] = False
+    stopped = output_dir.exists() and not (output_dir / "final").exists()
+    changes["resume"] = stopped and bool(checkpoints(output_dir))
+    changes["overwrite"] = stopped and not changes["resume"]
     changes["reference_model"] = reference  # pi_0 stays the reference in every round
     return dataclasses.replace(base, **changes)
 
@@ -211,7 +216,10 @@ def iterate(settings: IterateSettings, config, output_dir: str | Path | None = N
             report = PairReport(written=sum(1 for _ in open(pairs_path)))
         final = folder / "run" / "final"
         if not final.exists():  # a round stopped after training keeps its model
-            run = train(_train_config(config, model, pi0, pairs_path, folder / "run", t))
+            round_config = _train_config(config, model, pi0, pairs_path, folder / "run", t)
+            if round_config.resume:
+                log(f"prefopt: round {t}: its training stopped; resuming from its newest checkpoint")
+            run = train(round_config)
             interrupted = run.interrupted
             # The round's trainer (policy, optimizer state, reference copy) is done with: let it go
             # before this round's evaluation and the next round's sampling load their own models.

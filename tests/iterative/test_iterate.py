@@ -2,6 +2,7 @@
 
 import json
 
+import torch
 from helpers import save_tiny_model
 
 from prefopt.cli.main import main
@@ -127,3 +128,45 @@ def test_a_rounds_trainer_is_freed_before_the_next_round_samples(tmp_path, monke
     assert main(_argv(tmp_path, model, prompts, module, "test_iter_length", rounds=2)) == 0
     assert len(trained) == 2
     assert alive_at_sampling and all(count == 0 for count in alive_at_sampling), alive_at_sampling
+
+
+def test_a_killed_round_resumes_its_training_from_the_newest_checkpoint(tmp_path, capsys):
+    """`prefopt iterate` in its own process is SIGKILLed once round 1's training has saved a
+    checkpoint; run again, the round keeps its samples and pairs, continues training from the
+    checkpoint (it says so) and ends with the very weights of an uninterrupted loop."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    model, prompts, module = _setup(tmp_path)
+    argv = _argv(tmp_path, model, prompts, module, "test_iter_length", rounds=1)
+    argv[argv.index("--max-steps") + 1] = "12"
+    argv += ["--save-steps", "2"]
+    whole = list(argv)
+    whole[whole.index("--output-dir") + 1] = str(tmp_path / "whole")
+    assert main(whole) == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "prefopt", *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    run_dir = tmp_path / "loop" / "round-1" / "run"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and child.poll() is None:
+        if (run_dir / "checkpoint-4" / "trainer_state.json").exists():
+            break
+        time.sleep(0.05)
+    assert child.poll() is None, "the loop ended before it could be killed"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert not (run_dir / "final").exists()
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "round 1: its training stopped; resuming from its newest checkpoint" in capsys.readouterr().out
+    resumed = load_file(run_dir / "final" / "model.safetensors")
+    uninterrupted = load_file(tmp_path / "whole" / "round-1" / "run" / "final" / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
