@@ -113,7 +113,12 @@ class TrainConfig:
     max_new_tokens: int = _help("token budget of each sampled completion", default=64)
     temperature: float = _help("sampling temperature of the completions (> 0)", default=1.0)
     top_p: float = _help("nucleus sampling: keep the smallest set of tokens with this much probability", default=1.0)
-    reward: str | None = _help("registered reward that scores sampled completions (`prefopt rewards`)", default=None)
+    reward: list | None = _help(
+        "registered reward(s) that score sampled completions (`prefopt rewards`); several are summed", default=None
+    )
+    reward_weights: list | None = _help(
+        "one weight per reward (default 1 each); the reward is their weighted sum", default=None
+    )
     reward_args: dict = _help("reward arguments, e.g. {path: DIR}; CLI: --reward-arg NAME=VALUE", default_factory=dict)
     reward_module: list = _help("modules or .py files to import first (custom rewards)", default_factory=list)
     # optimisation
@@ -278,6 +283,8 @@ def _coerce(hint, value) -> Any:
         raise ValueError(f"expected a string{or_null}")
     if hint is _DATA:
         return _coerce_data(value)
+    if hint is _NUMBERS:
+        return _coerce_numbers(value)
     if hint is list:
         items = [value] if isinstance(value, (str, os.PathLike)) else value
         if isinstance(items, (list, tuple)) and all(isinstance(i, (str, os.PathLike)) for i in items):
@@ -331,6 +338,18 @@ def _coerce_data(value) -> list:
 
 
 _HINTS["data"] = _HINTS["eval_data"] = _DATA
+_NUMBERS = object()  # the hint of reward_weights: a list of finite numbers
+_HINTS["reward_weights"] = _NUMBERS
+
+
+def _coerce_numbers(value) -> list | None:
+    if value is None:
+        return None
+    items = value if isinstance(value, (list, tuple)) else [value]
+    try:
+        return [_coerce(float, v) for v in items]
+    except ValueError:
+        raise ValueError("expected a list of numbers, one per reward") from None
 
 
 def _check_values(config: TrainConfig) -> None:
@@ -429,7 +448,8 @@ DICT_FIELDS = ("loss_args", "reward_args")  # repeatable --loss-arg NAME=VALUE
 
 def flag(name: str) -> str:
     """The command-line flag of a field: learning_rate -> --learning-rate."""
-    return "--" + name[:-1].replace("_", "-") if name in DICT_FIELDS else "--" + name.replace("_", "-")
+    singular = name in DICT_FIELDS or name == "reward_weights"  # repeatable: --loss-arg, --reward-weight
+    return "--" + name[:-1].replace("_", "-") if singular else "--" + name.replace("_", "-")
 
 
 def build_config(yaml_values: dict | None = None, overrides: dict | None = None) -> TrainConfig:
@@ -465,6 +485,8 @@ def field_type(name: str):
     hint = _HINTS[name]
     if hint is _DATA:
         return list
+    if hint is _NUMBERS:
+        return float
     if isinstance(hint, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return hint

@@ -114,7 +114,17 @@ def add_train_options(parser: argparse.ArgumentParser, skip: tuple = ()) -> None
         flag = "--" + name.replace("_", "-")
         kind = field_type(name)
         help_text = spec.metadata.get("help", "")
-        if name == "columns":
+        if name in ("reward", "reward_weights"):  # repeatable: --reward a --reward b --reward-weight 1 ...
+            parser.add_argument(
+                "--reward-weight" if name == "reward_weights" else flag,
+                dest=name,
+                action="append",
+                type=float if name == "reward_weights" else str,
+                default=argparse.SUPPRESS,
+                metavar="W" if name == "reward_weights" else "NAME",
+                help=f"{help_text} (repeatable)",
+            )
+        elif name == "columns":
             parser.add_argument(
                 flag, type=parse_columns, default=argparse.SUPPRESS, metavar="OURS=THEIRS,...", help=help_text
             )
@@ -144,7 +154,21 @@ def import_reward_modules(args: argparse.Namespace) -> None:
 
 
 def add_reward_options(parser: argparse.ArgumentParser, required: bool = False) -> None:
-    parser.add_argument("--reward", required=required, help="registered reward name (`prefopt rewards` lists them)")
+    parser.add_argument(
+        "--reward",
+        action="append",
+        required=required,
+        help="registered reward name (`prefopt rewards` lists them); repeat it to sum several",
+    )
+    parser.add_argument(
+        "--reward-weight",
+        dest="reward_weights",
+        action="append",
+        type=float,
+        default=None,
+        metavar="W",
+        help="one weight per --reward, in order (default 1 each)",
+    )
     parser.add_argument(
         "--reward-arg",
         dest="reward_args",
@@ -152,7 +176,7 @@ def add_reward_options(parser: argparse.ArgumentParser, required: bool = False) 
         type=parse_name_value,
         default=[],
         metavar="NAME=VALUE",
-        help="reward argument, e.g. path=DIR (repeatable)",
+        help="reward argument, e.g. path=DIR; with several rewards REWARD.NAME=VALUE (repeatable)",
     )
     parser.add_argument(
         "--reward-module", action="append", default=[], help="import this .py file or module first (custom rewards)"
@@ -179,9 +203,7 @@ def sample_settings(args: argparse.Namespace):
 
 def make_reward(args: argparse.Namespace):
     """The configured reward (loaded before any sampling, so a bad one fails in seconds), or None."""
-    import_reward_modules(args)
-    if not args.reward:
-        return None
-    from prefopt.rewards import get_reward
+    from prefopt.rewards import configure_rewards
 
-    return get_reward(args.reward, **dict(args.reward_args))
+    import_reward_modules(args)
+    return configure_rewards(args.reward, getattr(args, "reward_weights", None), dict(args.reward_args))

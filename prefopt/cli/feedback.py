@@ -14,6 +14,8 @@ def _classifier(args: argparse.Namespace):
     from prefopt.rewards import get_reward
 
     import_reward_modules(args)
+    if args.reward and len(args.reward) > 1 or args.reward_weights:
+        raise PrefoptError("data feedback takes one classifier: one --reward (no --reward-weight)")
     arguments = dict(args.reward_args or [])
     if args.judge:
         if args.reward:
@@ -24,7 +26,7 @@ def _classifier(args: argparse.Namespace):
         return get_reward("reaction_judge", **arguments)
     if args.judge_template:
         raise PrefoptError("--judge-template goes with --judge MODEL")
-    return get_reward(args.reward or "reaction_keywords", **arguments)
+    return get_reward(args.reward[0] if args.reward else "reaction_keywords", **arguments)
 
 
 def _cmd_feedback(args: argparse.Namespace) -> int:

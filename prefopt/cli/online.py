@@ -278,7 +278,10 @@ def add_commands(commands) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     # --model, --loss, --output-dir, ... as for train; the loop's own sampling and reward flags below
-    add_train_options(loop, skip=("reward", "reward_args", "reward_module", "max_new_tokens", "temperature", "top_p"))
+    add_train_options(
+        loop,
+        skip=("reward", "reward_weights", "reward_args", "reward_module", "max_new_tokens", "temperature", "top_p"),
+    )
     s = argparse.SUPPRESS
     loop.add_argument("--prompts", nargs="+", default=s, help="prompt-only or preference files")
     loop.add_argument("--reward", default=s, help="registered reward name")

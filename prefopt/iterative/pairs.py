@@ -127,7 +127,8 @@ def _scored(record: Record, need_rewards: bool) -> Scored:
         for i, value in enumerate(rewards):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise DataError(f"{record.where}: reward {i} is not a number: {value!r}")
-    columns = {k: v for k, v in fields.items() if k not in _SAMPLE_FIELDS}
+    # rewards/NAME: each of several rewards' scores (sample writes them): per completion, not columns
+    columns = {k: v for k, v in fields.items() if k not in _SAMPLE_FIELDS and not k.startswith("rewards/")}
     completion_ids, prompt_ids = fields.get("completion_ids"), fields.get("prompt_ids")
     if completion_ids is not None and (
         not isinstance(completion_ids, list)

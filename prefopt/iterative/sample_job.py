@@ -103,6 +103,16 @@ def _line(batch: int, index: int, record: dict) -> str:
     return json.dumps({"batch": batch, "index": index, "record": record}, ensure_ascii=False) + "\n"
 
 
+def _add_components(records: list[dict], components: dict[str, list]) -> None:
+    """Several rewards: each one's scores beside their sum, as `rewards/NAME` (the flat scores split per prompt)."""
+    for name, scores in components.items():
+        at = 0
+        for record in records:
+            n = len(record["completions"])
+            record[f"rewards/{name}"] = scores[at : at + n]
+            at += n
+
+
 def run_sample_job(
     model, tokenizer, model_name: str, prompts: list, settings, reward, output, resume: bool = False,
     overwrite: bool = False, on_batch=None,
@@ -154,6 +164,7 @@ def run_sample_job(
                 stats.plain_prompts += sum(isinstance(p.prompt, str) for p in batch_prompts)
                 rewards = score_samples(reward, batch_prompts, samples)[0] if reward else None
                 records = sample_records(batch_prompts, samples, rewards)
+                _add_components(records, getattr(reward, "components", {}))
                 f.write("".join(_line(k, i, record) for i, record in zip(batch, records, strict=True)))
                 f.flush()
                 os.fsync(f.fileno())

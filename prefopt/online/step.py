@@ -36,6 +36,7 @@ from prefopt.models.rollout import (
     score_samples,
     split_completion,
 )
+from prefopt.rewards.combined import component_means
 
 
 @dataclass
@@ -170,6 +171,7 @@ class Rollouts:
         prompts = [item.example for item in items]
         samples = self.sample(model, items, self.settings)
         scores, unscorable = score_samples(self.reward, prompts, samples)
+        components = component_means(self.reward)  # reward/NAME of each of several rewards
         baselines = [None] * len(items)
         if self.greedy_baseline:
             greedy = SampleSettings(num_samples=1, max_new_tokens=self.settings.max_new_tokens, temperature=0)
@@ -194,6 +196,7 @@ class Rollouts:
             "unscorable": float(unscorable),
             "generation_s": generation_s,
             "empty_completions": empty / len(texts),
+            **components,
         }
         self._warn_if_empty(empty, len(texts), prompts)
         # Nothing to learn from in some process: every process skips this micro-batch together. A
@@ -252,7 +255,7 @@ def _loss_inputs(batch, token_logps, ref_tokens, rewards, group_of, baseline_of,
 def make_rollouts(config, spec, tokenizer, share_prefix: bool, use_logits: bool, critic=None) -> Rollouts:
     """The Rollouts a TrainConfig asks for, with its reward loaded (user reward modules imported first);
     `critic` (a ValueHead) when the loss declares needs_value_model."""
-    from prefopt.rewards import get_reward, import_reward_module
+    from prefopt.rewards import configure_rewards, import_reward_module
 
     for module in config.reward_module:
         import_reward_module(module)
@@ -264,7 +267,7 @@ def make_rollouts(config, spec, tokenizer, share_prefix: bool, use_logits: bool,
     )
     return Rollouts(
         tokenizer,
-        get_reward(config.reward, **config.reward_args),
+        configure_rewards(config.reward, config.reward_weights, config.reward_args),
         settings,
         greedy_baseline=spec.needs_greedy_baseline,
         share_prefix=share_prefix,

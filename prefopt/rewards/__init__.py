@@ -5,6 +5,7 @@ from prefopt.rewards import register_reward, get_reward, available_rewards
 A reward is `f(prompts, completions, **columns) -> list[float | None]`; see registry.py.
 """
 
+from prefopt.rewards.combined import WeightedRewards, configure_rewards  # noqa: E402
 from prefopt.rewards.registry import (
     Reward,
     RewardError,
@@ -23,8 +24,10 @@ __all__ = [
     "Reward",
     "RewardError",
     "RewardSpec",
+    "WeightedRewards",
     "available_rewards",
     "check_scores",
+    "configure_rewards",
     "get_reward",
     "get_reward_spec",
     "import_reward_module",

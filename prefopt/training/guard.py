@@ -171,6 +171,8 @@ def config_differences(saved: dict, config: TrainConfig, folder: Path) -> list[s
         if name == "loss_args":
             old = _resolved_loss_args(saved.get("loss", config.loss), old)
             value = _resolved_loss_args(config.loss, value)
+        if name == "reward" and isinstance(old, str):  # a run from before several rewards: one name
+            old = [old]
         if old != value:
             differences.append(f"{name}: {_short(old)} -> {_short(value)}")
     stored = folder / FINGERPRINT
