@@ -111,6 +111,14 @@ class TrainConfig:
     # online: policy-gradient losses (grpo, rloo, remax, reinforce_pp) sample from prompt-only data each step
     num_generations: int = _help("completions sampled per prompt each step (G; the group of GRPO/RLOO)", default=4)
     max_new_tokens: int = _help("token budget of each sampled completion", default=64)
+    overlong_buffer: int | None = _help(
+        "DAPO's overlong reward shaping: completions longer than max_new_tokens - N lose up to "
+        "overlong_penalty reward, linearly (off: null)",
+        default=None,
+    )
+    overlong_penalty: float = _help(
+        "the reward a completion of max_new_tokens tokens loses (with overlong_buffer)", default=1.0
+    )
     temperature: float = _help("sampling temperature of the completions (> 0)", default=1.0)
     top_p: float = _help("nucleus sampling: keep the smallest set of tokens with this much probability", default=1.0)
     reward: list | None = _help(
@@ -202,6 +210,7 @@ _RANGES: dict[str, tuple] = {
     "skip_nonfinite": (lambda v: v >= 0, ">= 0"),
     "temperature": (lambda v: v > 0, "> 0 (policy-gradient losses learn from differences between samples)"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "overlong_penalty": (lambda v: v >= 0, ">= 0"),
     **{
         name: (lambda v: v >= 1, ">= 1")
         for name in (
@@ -218,6 +227,7 @@ _RANGES: dict[str, tuple] = {
             "lora_alpha",
             "num_generations",
             "max_new_tokens",
+            "overlong_buffer",
             "data_workers",
         )
     },

@@ -24,6 +24,7 @@ import torch
 from prefopt.data.collate import SequenceBatch, shared_prefix_batch
 from prefopt.data.formats import PromptExample
 from prefopt.distributed import any_process
+from prefopt.errors import PrefoptError
 from prefopt.losses import LossInputs
 from prefopt.models.logps import completion_states, completion_token_logps, output_head
 from prefopt.models.rollout import (
@@ -36,6 +37,7 @@ from prefopt.models.rollout import (
     score_samples,
     split_completion,
 )
+from prefopt.online.shaping import overlong_penalty
 from prefopt.rewards.combined import component_means
 
 
@@ -120,7 +122,9 @@ class Rollouts:
         chunk_size: int = 1024,
         use_logits: bool = False,
         critic=None,
+        overlong: tuple[int, float] | None = None,
     ):
+        self.overlong = overlong  # (buffer, penalty): DAPO's overlong reward shaping (online/shaping.py)
         self.tokenizer = tokenizer
         self.critic = critic  # prefopt.online.critic.ValueHead when the loss declares needs_value_model
         self.reward = reward
@@ -154,6 +158,19 @@ class Rollouts:
             out.append(Samples(item.prompt_ids, ids, texts, [k[1] for k in kept]))
         return out
 
+    def _shape(self, samples: list[Samples], scores: list[list]) -> tuple[list[list], float]:
+        """Scores with DAPO's overlong penalty added (unscorable ones stay None); and the mean penalty."""
+        buffer, penalty = self.overlong
+        shaped, penalties = [], []
+        for group, group_scores in zip(samples, scores, strict=True):
+            row = []
+            for ids, score in zip(group.completion_ids, group_scores, strict=True):
+                cost = overlong_penalty(len(ids), self.settings.max_new_tokens, buffer, penalty)
+                penalties.append(cost)
+                row.append(None if score is None else score + cost)
+            shaped.append(row)
+        return shaped, sum(penalties) / max(len(penalties), 1)
+
     def _warn_if_empty(self, empty: int, total: int, prompts: list) -> None:
         """Once per run: most completions of a micro-batch were empty (and the likely cause)."""
         if self._warned_empty:
@@ -172,6 +189,8 @@ class Rollouts:
         samples = self.sample(model, items, self.settings)
         scores, unscorable = score_samples(self.reward, prompts, samples)
         components = component_means(self.reward)  # reward/NAME of each of several rewards
+        if self.overlong:
+            scores, components["overlong_penalty"] = self._shape(samples, scores)
         baselines = [None] * len(items)
         if self.greedy_baseline:
             greedy = SampleSettings(num_samples=1, max_new_tokens=self.settings.max_new_tokens, temperature=0)
@@ -259,6 +278,11 @@ def make_rollouts(config, spec, tokenizer, share_prefix: bool, use_logits: bool,
 
     for module in config.reward_module:
         import_reward_module(module)
+    if config.overlong_buffer and config.overlong_buffer >= config.max_new_tokens:
+        raise PrefoptError(
+            f"overlong_buffer ({config.overlong_buffer}) must be below max_new_tokens ({config.max_new_tokens}): "
+            "the penalty covers the last overlong_buffer tokens of the budget"
+        )
     settings = SampleSettings(
         num_samples=config.num_generations,
         max_new_tokens=config.max_new_tokens,
@@ -275,4 +299,5 @@ def make_rollouts(config, spec, tokenizer, share_prefix: bool, use_logits: bool,
         chunk_size=config.chunk_size,
         use_logits=use_logits,
         critic=critic,
+        overlong=(config.overlong_buffer, config.overlong_penalty) if config.overlong_buffer else None,
     )
