@@ -380,6 +380,11 @@ def _check_values(config: TrainConfig) -> None:
             if value not in choices:
                 raise ConfigValueError(name, f"must be one of {', '.join(choices)}, got {value!r}")
         setattr(config, name, value)
+    weights, rewards = config.reward_weights, config.reward or []
+    if weights is not None and len(weights) != len(rewards):  # before any model loads, not at the first step
+        raise ConfigValueError(
+            "reward_weights", f"{len(rewards)} rewards but {len(weights)} weights: give one weight per reward"
+        )
 
 
 # What TRL's and transformers' configs (and habit) call a setting that prefopt names otherwise:

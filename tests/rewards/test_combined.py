@@ -93,3 +93,10 @@ def test_online_training_logs_each_reward(setup, tmp_path):
         assert row["reward"] == pytest.approx(row["reward/test_digits"] + 2 * 0.25, abs=1e-6)
     saved = (result.output_dir / "config.yaml").read_text()
     assert "- test_digits\n- test_combined_always" in saved and "reward_weights:\n- 1.0\n- 2.0" in saved
+
+
+def test_a_weight_count_that_does_not_match_stops_train_before_any_model_loads(capsys):
+    """`prefopt train` checks the count with the config, so the error comes in a second, before the model loads."""
+    argv = ["train", "--loss", "grpo", "--model", "no-such-model", "--data", "x.jsonl", "--reward", "exact_match"]
+    assert main(argv + ["--reward", "number_match", "--reward-weight", "1"]) == 2
+    assert "--reward-weight: 2 rewards but 1 weights: give one weight per reward" in capsys.readouterr().err
