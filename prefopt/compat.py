@@ -64,7 +64,7 @@ class TrainerHooks(Trainer):
     """The private `Trainer` methods prefopt overrides or calls, each routed to a named method.
 
     Subclasses override the public-named methods (`record_grad_norm`, `write_checkpoint`,
-    `train_sampler`) and call `prepared(inputs)`; only this class touches underscores.
+    `train_sampler`, `train_batch_multiple`) and call `prepared(inputs)`; only this class touches underscores.
     """
 
     def _get_grad_norm(self, model, grad_norm=None):
@@ -93,6 +93,24 @@ class TrainerHooks(Trainer):
 
     def train_sampler(self, train_dataset=None):
         return None
+
+    def get_train_dataloader(self):
+        # Why: rollout reuse loads a whole generation batch (batch_size x S prompts) per
+        # micro-batch, as TRL's GRPOTrainer does; `_get_dataloader` is the one function that builds
+        # the loader exactly as transformers does (collator, workers, accelerate's sharding).
+        multiple = self.train_batch_multiple()
+        if multiple == 1:
+            return super().get_train_dataloader()
+        return self._get_dataloader(
+            dataset=self.train_dataset,
+            description="Training",
+            batch_size=self._train_batch_size * multiple,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+
+    def train_batch_multiple(self) -> int:
+        return 1
 
     def prepared(self, inputs: dict) -> dict:
         """Move a collated batch to the device as training does. Why private: `_prepare_inputs` is

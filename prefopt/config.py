@@ -119,6 +119,15 @@ class TrainConfig:
     overlong_penalty: float = _help(
         "the reward a completion of max_new_tokens tokens loses (with overlong_buffer)", default=1.0
     )
+    num_iterations: int = _help(
+        "updates per sampled batch (GRPO's mu, PPO's epochs; TRL's name): > 1 makes the ratio and clips real",
+        default=1,
+    )
+    steps_per_generation: int | None = _help(
+        "micro-batches one sampled batch is split into (mini-batches; a multiple of grad_accum); "
+        "default: grad_accum when num_iterations > 1, else 1",
+        default=None,
+    )
     temperature: float = _help("sampling temperature of the completions (> 0)", default=1.0)
     top_p: float = _help("nucleus sampling: keep the smallest set of tokens with this much probability", default=1.0)
     reward: list | None = _help(
@@ -174,6 +183,12 @@ class TrainConfig:
         if self.beta is not None:
             self.loss_args = {**self.loss_args, "beta": self.beta}
             self.beta = None
+        steps = self.steps_per_generation
+        if steps is not None and steps > 1 and steps % self.grad_accum:
+            raise ConfigError(
+                f"steps_per_generation ({steps}) must be a multiple of grad_accum ({self.grad_accum}): "
+                "each pass over a sampled batch starts an optimizer step"
+            )
         if self.load_in_4bit and not self.lora:
             raise ConfigError("load_in_4bit trains a LoRA adapter on a frozen 4-bit base: add --lora")
 
@@ -228,6 +243,8 @@ _RANGES: dict[str, tuple] = {
             "num_generations",
             "max_new_tokens",
             "overlong_buffer",
+            "num_iterations",
+            "steps_per_generation",
             "data_workers",
         )
     },

@@ -16,7 +16,7 @@ Unscorable completions (the reward returned None) are dropped before the loss an
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
@@ -37,6 +37,7 @@ from prefopt.models.rollout import (
     score_samples,
     split_completion,
 )
+from prefopt.online.reuse import ReusePlan, RolloutWindow, reuse_plan
 from prefopt.online.shaping import overlong_penalty
 from prefopt.rewards.combined import component_means
 
@@ -68,6 +69,45 @@ def tokenize_prompts(examples: list[PromptExample], tokenizer, max_prompt_length
         ids = tokenizing.prompt_ids(example.prompt)[0]
         items.append(PromptItem(ids[-max_prompt_length:] if max_prompt_length else ids, example, index))
     return items
+
+
+@dataclass
+class Rollout:
+    """One mini-batch of sampled, scored completions as the loss reads them; with rollout reuse it
+    serves num_iterations passes (online/reuse.py), keeping what the later passes reuse."""
+
+    prompt_indices: list[int]  # every prompt of the slice (dataset indices)
+    groups: list = field(default_factory=list)  # [(prompt ids, [completion ids, ...])] that reach the loss
+    rows: list = field(default_factory=list)  # rows[i][j]: the logical row of completion j of group i
+    rewards: list = field(default_factory=list)
+    group_of: list = field(default_factory=list)
+    baseline_of: list = field(default_factory=list)
+    indices: list = field(default_factory=list)  # the prompts that reach the loss
+    metrics: dict = field(default_factory=dict)  # of the sampling: unscorable, generation_s, ...
+    skip: bool = False  # nothing to learn from in some process: all processes skip it together
+    old_token_logps: torch.Tensor | None = None  # pi_old of each completion token
+    old_token_values: torch.Tensor | None = None  # PPO: V_old
+    reference_token_logps: torch.Tensor | None = None
+    batch: SequenceBatch | None = None  # the layout (rebuilt from groups after a resume)
+
+    TENSORS = ("old_token_logps", "old_token_values", "reference_token_logps")
+
+    def state(self) -> dict:
+        plain = {name: value for name, value in vars(self).items() if name != "batch" and name not in self.TENSORS}
+        plain["groups"] = [[list(prompt), [list(c) for c in completions]] for prompt, completions in self.groups]
+        for name in self.TENSORS:
+            value = getattr(self, name)
+            plain[name] = None if value is None else value.detach().cpu()
+        return plain
+
+    @classmethod
+    def from_state(cls, state: dict, device) -> Rollout:
+        values = dict(state)
+        values["groups"] = [(prompt, completions) for prompt, completions in values["groups"]]
+        for name in cls.TENSORS:
+            if values[name] is not None:
+                values[name] = values[name].to(device)
+        return cls(**values)
 
 
 class PromptCollator:
@@ -123,7 +163,11 @@ class Rollouts:
         use_logits: bool = False,
         critic=None,
         overlong: tuple[int, float] | None = None,
+        reuse: ReusePlan | None = None,
+        on_policy_slices: int = 1,
     ):
+        self.window = RolloutWindow(reuse or ReusePlan())  # rollout reuse (online/reuse.py)
+        self.on_policy_slices = on_policy_slices  # slices trained in the step that samples them (grad_accum)
         self.overlong = overlong  # (buffer, penalty): DAPO's overlong reward shaping (online/shaping.py)
         self.tokenizer = tokenizer
         self.critic = critic  # prefopt.online.critic.ValueHead when the loss declares needs_value_model
@@ -183,11 +227,29 @@ class Rollouts:
 
     def __call__(self, model, items: list[PromptItem], loss_fn, loss_args: dict, reference=None):
         """(loss, metrics, batch) for one micro-batch of prompts; the batch's example_indices are the
-        prompts that reached the loss and num_tokens counts the forward's tokens."""
+        prompts that reached the loss and num_tokens counts the forward's tokens.
+
+        With rollout reuse (online/reuse.py) `items` is a whole generation batch: the window's first
+        micro-batch samples it, and every micro-batch trains on its own slice of it."""
+        if not self.window.plan.active:  # one update per sampled batch
+            (rollout,) = self.collect(model, items, 1)
+            return self.learn(model, rollout, loss_fn, loss_args, reference, first_pass=True)
+        window = self.window
+        if window.needs_sampling():
+            window.slices = self.collect(model, items, window.plan.steps_per_generation)
+        position = window.position()
+        window.calls += 1
+        steps = window.plan.steps_per_generation
+        rollout = window.slices[position % steps]
+        return self.learn(model, rollout, loss_fn, loss_args, reference, first_pass=position < steps)
+
+    def collect(self, model, items: list[PromptItem], num_slices: int) -> list[Rollout]:
+        """Sample and score `items` at once; split them by prompt into `num_slices` Rollouts laid
+        out for the loss. Slices first trained after an optimizer step get pi_old now."""
         started = time.perf_counter()
         prompts = [item.example for item in items]
         samples = self.sample(model, items, self.settings)
-        scores, unscorable = score_samples(self.reward, prompts, samples)
+        scores, _ = score_samples(self.reward, prompts, samples)
         components = component_means(self.reward)  # reward/NAME of each of several rewards
         if self.overlong:
             scores, components["overlong_penalty"] = self._shape(samples, scores)
@@ -197,53 +259,120 @@ class Rollouts:
             greedy_scores, _ = score_samples(self.reward, prompts, self.sample(model, items, greedy))
             baselines = [group[0] for group in greedy_scores]
         generation_s = time.perf_counter() - started
-        groups, rows, rewards, group_of, baseline_of, indices = [], [], [], [], [], []
-        for i, (group, group_scores) in enumerate(zip(samples, scores, strict=True)):
-            kept = [j for j, s in enumerate(group_scores) if s is not None]
+        texts = [text for group in samples for text in group.completions]
+        self._warn_if_empty(sum(not text.strip() for text in texts), len(texts), prompts)
+        size = -(-len(items) // num_slices)
+        device = next(model.parameters()).device
+        rollouts = []
+        for start in range(0, len(items), size):
+            part = range(start, min(start + size, len(items)))
+            rollout = self._rollout(items, samples, scores, baselines, part, device)
+            slice_texts = [text for i in part for text in samples[i].completions]
+            rollout.metrics = {
+                "unscorable": float(sum(s is None for i in part for s in scores[i])),
+                "generation_s": generation_s if start == 0 else 0.0,  # per micro-batch: the window's mean
+                "empty_completions": sum(not text.strip() for text in slice_texts) / len(slice_texts),
+                **components,
+            }
+            if len(rollouts) >= self.on_policy_slices and not rollout.skip:
+                self._keep_old(model, rollout)  # trained after an update: pi_old is the sampler as it is now
+            rollouts.append(rollout)
+        return rollouts
+
+    def _rollout(self, items, samples, scores, baselines, part, device) -> Rollout:
+        rollout = Rollout(prompt_indices=[items[i].index for i in part])
+        for i in part:
+            kept = [j for j, s in enumerate(scores[i]) if s is not None]
             if not kept or (self.greedy_baseline and baselines[i] is None):
                 continue
-            groups.append((group.prompt_ids, [group.completion_ids[j] for j in kept]))
-            rows.append(list(range(len(rewards), len(rewards) + len(kept))))
-            rewards += [group_scores[j] for j in kept]
-            group_of += [len(groups) - 1] * len(kept)
-            baseline_of += [baselines[i]] * len(kept)
-            indices.append(items[i].index)
-        device = next(model.parameters()).device
-        texts = [text for group in samples for text in group.completions]
-        empty = sum(not text.strip() for text in texts)
-        metrics = {
-            "unscorable": float(unscorable),
-            "generation_s": generation_s,
-            "empty_completions": empty / len(texts),
-            **components,
-        }
-        self._warn_if_empty(empty, len(texts), prompts)
+            rollout.groups.append((samples[i].prompt_ids, [samples[i].completion_ids[j] for j in kept]))
+            rollout.rows.append(list(range(len(rollout.rewards), len(rollout.rewards) + len(kept))))
+            rollout.rewards += [scores[i][j] for j in kept]
+            rollout.group_of += [len(rollout.groups) - 1] * len(kept)
+            rollout.baseline_of += [baselines[i]] * len(kept)
+            rollout.indices.append(items[i].index)
         # Nothing to learn from in some process: every process skips this micro-batch together. A
         # process that skipped alone would run no forward, and under DDP the others would wait in
         # the gradient all-reduce for it (DESIGN §7). No gradient this micro-batch, anywhere.
-        if any_process(not rewards, device):
-            zero = torch.zeros((), device=device, requires_grad=True)
-            return zero, metrics, SimpleNamespace(example_indices=[item.index for item in items], num_tokens=0)
-        layout = (
-            shared_prefix_batch(groups, rows, self.tokenizer.pad_token_id, self.pack) if self.share_prefix else None
-        )
-        batch = (layout or plain_batch(groups, rows, self.tokenizer.pad_token_id)).to(device)
-        batch.example_indices, batch.paired = indices, False
-        # scored under the distribution they were sampled from: softmax(logits / T) (TRL does the same)
-        temperature = self.settings.temperature or 1.0
-        ref_tokens = reference.token_logps(model, batch, temperature) if reference is not None else None
+        rollout.skip = any_process(not rollout.rewards, device)
+        if not rollout.skip:
+            rollout.batch = self.layout(rollout, device)
+        return rollout
+
+    def layout(self, rollout: Rollout, device) -> SequenceBatch:
+        """The rollout's completions after their prompts, as one forward reads them."""
+        pad = self.tokenizer.pad_token_id
+        shared = shared_prefix_batch(rollout.groups, rollout.rows, pad, self.pack) if self.share_prefix else None
+        batch = (shared or plain_batch(rollout.groups, rollout.rows, pad)).to(device)
+        batch.example_indices, batch.paired = rollout.indices, False
+        return batch
+
+    def _score(self, model, batch: SequenceBatch):
+        """(token log-probs, states) of the batch's completion tokens under `model` as it is now, at
+        the sampling temperature: softmax(logits / T), as they were sampled (TRL does the same)."""
         states = completion_states(model, batch, self.use_logits)
         head = torch.nn.Identity() if self.use_logits else output_head(model)
-        token_logps = completion_token_logps(head, states, self.chunk_size, temperature)
-        inputs = _loss_inputs(batch, token_logps, ref_tokens, rewards, group_of, baseline_of, self.settings)
+        return completion_token_logps(head, states, self.chunk_size, self.temperature), states
+
+    @property
+    def temperature(self) -> float:
+        return self.settings.temperature or 1.0
+
+    @torch.no_grad()
+    def _keep_old(self, model, rollout: Rollout) -> None:
+        rollout.old_token_logps, states = self._score(model, rollout.batch)
+        if self.critic is not None:
+            rollout.old_token_values = self.critic(states.hidden)
+
+    def learn(self, model, rollout: Rollout, loss_fn, loss_args: dict, reference, first_pass: bool):
+        """(loss, metrics, batch) of one pass over a rollout. Values that a later pass reuses (the
+        reference's log-probs; pi_old and V_old from the pass before any update) are kept on it."""
+        metrics = dict(rollout.metrics)
+        if not first_pass:
+            metrics["generation_s"] = 0.0
+        if rollout.skip:
+            zero = torch.zeros((), device=next(model.parameters()).device, requires_grad=True)
+            return zero, metrics, SimpleNamespace(example_indices=rollout.prompt_indices, num_tokens=0)
+        batch = rollout.batch
+        reused = self.window.plan.num_iterations > 1  # another pass will read what this one computes
+        ref_tokens = rollout.reference_token_logps
+        if ref_tokens is None and reference is not None:
+            ref_tokens = reference.token_logps(model, batch, self.temperature)
+            if reused:
+                rollout.reference_token_logps = ref_tokens.detach()
+        token_logps, states = self._score(model, batch)
+        inputs = _loss_inputs(batch, token_logps, ref_tokens, rollout, self.settings)
+        inputs.old_token_logps = rollout.old_token_logps
         if self.critic is not None:  # V(s_t) from the state that predicts token t (the same forward)
             inputs.token_values = self.critic(states.hidden)
+            inputs.old_token_values = rollout.old_token_values
         out = loss_fn(inputs, **loss_args)
+        if reused and rollout.old_token_logps is None:  # no update yet since sampling: this is pi_old
+            rollout.old_token_logps = token_logps.detach()
+            if self.critic is not None:
+                rollout.old_token_values = inputs.token_values.detach()
         metrics.update({name: float(value) for name, value in out.metrics.items()})
         return out.loss, metrics, batch
 
+    # -- checkpoints: a half-used window, for an exact resume ---------------------------------
 
-def _loss_inputs(batch, token_logps, ref_tokens, rewards, group_of, baseline_of, settings) -> LossInputs:
+    def window_state(self) -> dict | None:
+        """What a checkpoint keeps of the window being reused (None when none is open)."""
+        return self.window.state() if self.window.open() else None
+
+    def restore_window(self, state: dict | None, calls: int, device) -> None:
+        """On --resume: continue the window a checkpoint kept, or start at `calls` micro-batches."""
+        self.window.calls = state["calls"] if state else calls
+        self.window.slices = None
+        if state:
+            slices = [Rollout.from_state(s, device) for s in state["slices"]]
+            for rollout in slices:
+                rollout.batch = None if rollout.skip else self.layout(rollout, device)
+            self.window.slices = slices
+
+
+def _loss_inputs(batch, token_logps, ref_tokens, rollout: Rollout, settings) -> LossInputs:
+    rewards, group_of, baseline_of = rollout.rewards, rollout.group_of, rollout.baseline_of
     rows, n = batch.predict_row, batch.num_rows
     device = token_logps.device
 
@@ -300,4 +429,6 @@ def make_rollouts(config, spec, tokenizer, share_prefix: bool, use_logits: bool,
         use_logits=use_logits,
         critic=critic,
         overlong=(config.overlong_buffer, config.overlong_penalty) if config.overlong_buffer else None,
+        reuse=reuse_plan(config.num_iterations, config.steps_per_generation, config.grad_accum),
+        on_policy_slices=config.grad_accum,
     )

@@ -356,6 +356,11 @@ class PreferenceTrainer(TrainerHooks):
         )
 
     def _write_prefopt_state(self, checkpoint: Path) -> None:
+        window = self.rollouts.window_state() if self.rollouts is not None else None
+        if window is not None and checkpoint.is_dir():  # every process keeps its own half-used window
+            from prefopt.online.reuse import ROLLOUT_STATE
+
+            torch.save(window, checkpoint / ROLLOUT_STATE.format(rank=self.args.process_index))
         if self.args.should_save and checkpoint.is_dir():
             state = {"skipped_batches": self.skipped_batches, "precision": self.precision_record}
             (checkpoint / PREFOPT_STATE).write_text(json.dumps(state, indent=2))
@@ -370,17 +375,40 @@ class PreferenceTrainer(TrainerHooks):
             self.skip_nonfinite = max(0, self.skip_nonfinite - len(self.skipped_batches))
         if self.critic is not None and not self.critic.load(checkpoint):
             raise PrefoptError(f"{checkpoint} has no value head ({VALUE_HEAD_FILE}) to resume PPO's critic from")
+        if self.rollouts is not None:  # a rollout window the checkpoint cut: continue it, exactly
+            from prefopt.online.reuse import ROLLOUT_STATE
+
+            path = Path(checkpoint) / ROLLOUT_STATE.format(rank=self.args.process_index)
+            window = torch.load(path, weights_only=True) if path.exists() else None
+            step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
+            self.rollouts.restore_window(window, step * self.args.gradient_accumulation_steps, self.args.device)
 
     # -- data ----------------------------------------------------------------------------
 
     def train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
+        plan = self.rollouts.window.plan if self.rollouts is not None else None
+        if plan is not None and plan.active:  # each generation batch mu x S times (online/reuse.py)
+            from prefopt.online.reuse import RolloutSampler
+
+            return RolloutSampler(
+                len(dataset),
+                self.args.train_batch_size * plan.steps_per_generation,
+                self.args.world_size,
+                plan.window,
+                self.args.seed,
+            )
         if self.group_by_length:
             return LengthGroupedSampler(
                 self.args.train_batch_size * self.args.gradient_accumulation_steps,
                 lengths=item_lengths(dataset.items),
             )
         return None
+
+    def train_batch_multiple(self) -> int:
+        """Rollout reuse loads batch_size x steps_per_generation prompts per micro-batch."""
+        plan = self.rollouts.window.plan if self.rollouts is not None else None
+        return plan.steps_per_generation if plan is not None and plan.active else 1
 
     # -- logging and evaluation ------------------------------------------------------------
 

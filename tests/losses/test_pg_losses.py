@@ -364,3 +364,50 @@ def test_gspo_and_cispo_match_trl(name):
         assert 0 < ours.metrics["clip_ratio"] < 1  # some weights capped, some not
     else:
         assert 0 < ours.metrics["clip_ratio"] < 1  # some completions clipped, some not
+
+
+def test_rloo_with_a_real_ratio():
+    """A reused rollout: pi_old != pi. rows 0 -> tokens 0, 1; 1 -> token 2; 2 -> token 3; rewards
+    (1, 0, 0), beta 0: A = (1, -0.5, -0.5). Summed log-ratios (-1.0 + 1.2) + (-0.5 + 0.6) = 0.3,
+    -2.0 + 2.3 = 0.3 and 0: rho = (e^0.3, e^0.3, 1). Row 0 (A > 0, rho > 1.2) is clipped: loss -1.2,
+    no gradient; row 1 (A < 0) is not: loss 0.5 e^0.3, gradient 0.5 e^0.3; row 2: 0.5, gradient 0.5.
+    Mean over the three; clip_ratio 1/3."""
+    logps = t(-1.0, -0.5, -2.0, -0.5, grad=True)
+    old = t(-1.2, -0.6, -2.3, -0.5)
+    inputs = rollout_inputs(logps, t(-1.2, -0.5, -1.0, -1.0), [0, 0, 1, 2], [1.0, 0.0, 0.0], [0, 0, 0], old=old)
+    out = get_loss("rloo")(inputs, beta=0.0)
+    close(out.loss, (-1.2 + 0.5 * math.exp(0.3) + 0.5) / 3)
+    out.loss.backward()
+    close(logps.grad, [0.0, 0.0, 0.5 * math.exp(0.3) / 3, 0.5 / 3])
+    close(out.metrics["clip_ratio"], 1 / 3)
+
+
+def test_remax_with_a_real_ratio():
+    """Rewards (1, 0), greedy (0.25, 0.5): A = (0.75, -0.5). Log-ratios 0.1 and -0.3: row 0 keeps
+    rho = e^0.1 (loss -0.75 e^0.1, gradient -0.75 e^0.1 per token); row 1 (rho = e^-0.3 < 0.8, A < 0)
+    is clipped: loss -0.8 * -0.5 = 0.4, no gradient. Mean over the two."""
+    logps = t(-1.0, -0.5, -2.0, grad=True)
+    inputs = rollout_inputs(
+        logps, t(*REF), [0, 0, 1], [1.0, 0.0], [0, 1], old=t(-1.1, -0.5, -1.7), baseline=[0.25, 0.5]
+    )
+    out = get_loss("remax")(inputs, beta=0.0)
+    close(out.loss, (-0.75 * math.exp(0.1) + 0.4) / 2)
+    out.loss.backward()
+    close(logps.grad, [-0.75 * math.exp(0.1) / 2] * 2 + [0.0])
+    close(out.metrics["clip_ratio"], 0.5)
+
+
+def test_reinforce_pp_with_a_real_ratio():
+    """rows [1, 1, 0, 0, 0], scores (1, 0), beta 0: returns (0, 0, 1, 1, 1), mean 0.6, Bessel var 0.3:
+    A = (-0.6, -0.6, 0.4, 0.4, 0.4) / sqrt(0.3 + 1e-8). Token log-ratios (-0.3, 0, 0.3, 0, 0): token 0
+    (rho = e^-0.3 < 0.8, A < 0) and token 2 (rho = e^0.3 > 1.2, A > 0) are clipped (losses -0.8 A and
+    -1.2 A, no gradient); the others lose -A with gradient -A. Token mean (bnpo); clip_ratio 2/5."""
+    logps = t(-0.5, -1.0, -1.0, -2.0, -0.5, grad=True)
+    old = t(-0.2, -1.0, -1.3, -2.0, -0.5)
+    inputs = rollout_inputs(logps, t(-0.7, -1.0, -1.5, -1.5, -0.5), [1, 1, 0, 0, 0], [1.0, 0.0], [0, 1], old=old)
+    out = get_loss("reinforce_pp")(inputs, beta=0.0)
+    a = [g / math.sqrt(0.3 + 1e-8) for g in (-0.6, -0.6, 0.4, 0.4, 0.4)]
+    close(out.loss, (-0.8 * a[0] - a[1] - 1.2 * a[2] - a[3] - a[4]) / 5)
+    out.loss.backward()
+    close(logps.grad, [0.0, -a[1] / 5, 0.0, -a[3] / 5, -a[4] / 5])
+    close(out.metrics["clip_ratio"], 2 / 5)
