@@ -128,6 +128,16 @@ class TrainConfig:
         "default: grad_accum when num_iterations > 1, else 1",
         default=None,
     )
+    importance_sampling_cap: float | None = _help(
+        "truncated importance sampling: weight each token's policy gradient by min(pi_old / pi_sampler, C) "
+        "(for a sampler in another precision or engine; off: null)",
+        default=None,
+    )
+    mismatch_threshold: float = _help(
+        "warn once when the sampler's and learner's log-probs of the sampled tokens differ by more than "
+        "this on average (nats)",
+        default=0.05,
+    )
     temperature: float = _help("sampling temperature of the completions (> 0)", default=1.0)
     top_p: float = _help("nucleus sampling: keep the smallest set of tokens with this much probability", default=1.0)
     reward: list | None = _help(
@@ -226,6 +236,8 @@ _RANGES: dict[str, tuple] = {
     "temperature": (lambda v: v > 0, "> 0 (policy-gradient losses learn from differences between samples)"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "overlong_penalty": (lambda v: v >= 0, ">= 0"),
+    "importance_sampling_cap": (lambda v: v >= 1, ">= 1 (weights above it are cut to it)"),
+    "mismatch_threshold": (lambda v: v > 0, "> 0"),
     **{
         name: (lambda v: v >= 1, ">= 1")
         for name in (

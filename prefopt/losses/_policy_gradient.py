@@ -35,6 +35,31 @@ def old_logps(inputs: LossInputs) -> torch.Tensor:
     return inputs.token_logps.detach() if inputs.old_token_logps is None else inputs.old_token_logps
 
 
+def sampler_weights(inputs: LossInputs) -> torch.Tensor | None:
+    """Truncated importance sampling (TIS; Yao et al. 2025; TRL's vllm_importance_sampling_cap): per
+    token min(pi_old / pi_sampler, cap), no gradient; it corrects the surrogate, estimated under the
+    sampler, for the sampler differing from the learner (another precision or engine). None when off."""
+    if inputs.importance_cap is None or inputs.sampler_token_logps is None:
+        return None
+    return (old_logps(inputs) - inputs.sampler_token_logps).exp().clamp(max=inputs.importance_cap).detach()
+
+
+def sequence_sampler_weights(inputs: LossInputs, per_token_mean: bool = False) -> torch.Tensor | None:
+    """TIS for one ratio per completion: min(prod_t pi_old / pi_sampler, cap), or with
+    `per_token_mean` (GSPO's length-normalised ratio) min(exp(mean_t log(pi_old / pi_sampler)), cap)."""
+    if inputs.importance_cap is None or inputs.sampler_token_logps is None:
+        return None
+    log_ratio = old_logps(inputs) - inputs.sampler_token_logps
+    sums = log_ratio.new_zeros(len(inputs.rewards)).index_add(0, inputs.token_rows, log_ratio)
+    if per_token_mean:
+        sums = sums / inputs.chosen_lengths.to(sums.dtype).clamp(min=1)
+    return sums.exp().clamp(max=inputs.importance_cap).detach()
+
+
+def corrected(per_item: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    return per_item if weights is None else per_item * weights
+
+
 def clipped_surrogate(
     log_ratio: torch.Tensor, advantages: torch.Tensor, epsilon: float, epsilon_high: float | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +128,7 @@ def token_level_loss(
         advantages = advantages[inputs.token_rows]
     log_ratio = inputs.token_logps - old_logps(inputs)
     per_token, active = clipped_surrogate(log_ratio, advantages.detach(), epsilon, epsilon_high)
+    per_token = corrected(per_token, sampler_weights(inputs))  # before the KL term, as TRL
     kl = token_kl(inputs, kl_estimator)
     if beta and kl is not None:
         per_token = per_token + beta * kl
@@ -126,6 +152,7 @@ def sequence_level_loss(
     per_sequence, active = clipped_surrogate(
         inputs.policy_chosen_logps - old, advantages.detach(), epsilon, epsilon_high
     )
+    per_sequence = corrected(per_sequence, sequence_sampler_weights(inputs))
     metrics = rollout_metrics(inputs, None, active)
     metrics["kl"] = kl.sum() / inputs.chosen_lengths.float().sum().clamp(min=1)  # per token, as the others
     return LossOutput(per_sequence.mean(), metrics)

@@ -51,6 +51,8 @@ class LossInputs:
     token_logps: torch.Tensor | None = None  # (K,) policy log-prob of each completion token
     reference_token_logps: torch.Tensor | None = None  # (K,) the same under the reference
     old_token_logps: torch.Tensor | None = None  # (K,) the sampling policy's; None: one update per batch (rho == 1)
+    sampler_token_logps: torch.Tensor | None = None  # (K,) the sampler's own (generate's), for TIS
+    importance_cap: float | None = None  # TIS: weight each token by min(pi_old / pi_sampler, cap); None: off
     token_rows: torch.Tensor | None = None  # (K,) long: the completion each token belongs to
     rewards: torch.Tensor | None = None  # (N,) the reward of each completion
     groups: torch.Tensor | None = None  # (N,) long: the prompt each completion was sampled for

@@ -49,7 +49,7 @@ def cispo_loss(
     advantages = grpo_advantages(inputs.rewards, inputs.groups, scale=scale_rewards, eps=eps)[inputs.token_rows]
     rho = (inputs.token_logps - pg.old_logps(inputs)).exp()
     weight = rho.clamp(max=epsilon_max).detach()
-    per_token = -weight * advantages.detach() * inputs.token_logps
+    per_token = pg.corrected(-weight * advantages.detach() * inputs.token_logps, pg.sampler_weights(inputs))
     kl = pg.token_kl(inputs, kl_estimator)
     if beta and kl is not None:
         per_token = per_token + beta * kl

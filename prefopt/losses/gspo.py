@@ -47,6 +47,7 @@ def gspo_loss(
     lengths = inputs.chosen_lengths.to(log_ratio.dtype).clamp(min=1)
     sequence_log_ratio = log_ratio.new_zeros(n).index_add(0, rows, log_ratio) / lengths
     per_sequence, active = pg.clipped_surrogate(sequence_log_ratio, advantages.detach(), epsilon, epsilon_high)
+    per_sequence = pg.corrected(per_sequence, pg.sequence_sampler_weights(inputs, per_token_mean=True))
     kl = pg.token_kl(inputs, kl_estimator)
     if beta and kl is not None:
         per_sequence = per_sequence + beta * kl.new_zeros(n).index_add(0, rows, kl) / lengths

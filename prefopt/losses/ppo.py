@@ -80,6 +80,7 @@ def ppo_loss(
     if whiten_advantages:
         advantages = whiten(advantages)
     policy, active = pg.clipped_surrogate(inputs.token_logps - old, advantages.detach(), epsilon, epsilon_high)
+    policy = pg.corrected(policy, pg.sampler_weights(inputs))
     clipped_values = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
     returns = returns.detach()
     value = 0.5 * torch.max((values - returns) ** 2, (clipped_values - returns) ** 2)

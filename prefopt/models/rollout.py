@@ -14,6 +14,7 @@ a completion ended with EOS within `max_new_tokens`. Temperature 0 means greedy 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import os
@@ -57,6 +58,7 @@ class Samples:
     completion_ids: list[list[int]]  # as generated, up to and including EOS when finished
     completions: list[str]  # decoded, without the closing EOS
     finished: list[bool]
+    token_logps: list | None = None  # the sampler's log-prob of each completion token (1-D tensors)
 
 
 @dataclass
@@ -165,7 +167,59 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
 
 
 @torch.no_grad()
-def generate_batch(model, input_ids, attention_mask, n: int, config, shared_prefill: bool = True) -> torch.Tensor:
+class SampledTokenLogps:
+    """A logits processor that records the sampler's log-prob of each token it samples:
+    log softmax(logits / T) over the whole vocabulary, the distribution the learner scores the token
+    under (online/step.py), before top-k/top-p truncation. It holds one (rows, vocab) step at a
+    time: step t's distribution is read at step t + 1, where the token sampled from it is the last
+    column of input_ids; `finish` reads the last step's.
+
+    `recording_generation(config)` moves the temperature and truncation out of the config and
+    behind this processor, in transformers' own order, so the samples are those of `config`."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.previous: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """(rows, T_new) log-probs of `new_tokens` (entries after a row's EOS are meaningless)."""
+        if self.previous is not None and len(self.steps) < new_tokens.shape[1]:
+            at = len(self.steps)
+            self.steps.append(self.previous.gather(1, new_tokens[:, at : at + 1]).squeeze(1))
+        self.previous = None
+        steps, self.steps = self.steps, []
+        return torch.stack(steps, dim=1) if steps else new_tokens.new_zeros(new_tokens.shape, dtype=torch.float32)
+
+
+def recording_generation(config):
+    """(config, processors, recorder): the same sampling as `config`, with SampledTokenLogps first
+    and the warpers after it (transformers appends custom processors after its own, which would
+    let the recorder see truncated scores)."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    recorder = SampledTokenLogps(config.temperature)
+    processors = [recorder]
+    if config.temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(config.temperature))
+    if config.top_k:
+        processors.append(TopKLogitsWarper(config.top_k))
+    if config.top_p < 1.0:
+        processors.append(TopPLogitsWarper(config.top_p))
+    plain = copy.deepcopy(config)
+    plain.temperature, plain.top_k, plain.top_p = 1.0, 0, 1.0
+    return plain, LogitsProcessorList(processors), recorder
+
+
+def generate_batch(
+    model, input_ids, attention_mask, n: int, config, shared_prefill: bool = True, logits_processor=None
+) -> torch.Tensor:
     """(B*n, T_new) new tokens for B left-padded prompts, each sampled n times (rows i*n .. i*n+n-1).
 
     Greedy decoding (do_sample off) gives n equal completions: it is decoded once and repeated.
@@ -173,6 +227,7 @@ def generate_batch(model, input_ids, attention_mask, n: int, config, shared_pref
     width = input_ids.shape[1]
     if not config.do_sample and n > 1:
         return generate_batch(model, input_ids, attention_mask, 1, config, shared_prefill).repeat_interleave(n, dim=0)
+    extra_processors = {} if logits_processor is None else {"logits_processor": logits_processor}
     if shared_prefill and width > 1:
         cache = prefill(model, input_ids[:, :-1], attention_mask[:, :-1])
         cache.batch_repeat_interleave(n)  # the prompt's keys/values, shared by its n samples
@@ -184,6 +239,7 @@ def generate_batch(model, input_ids, attention_mask, n: int, config, shared_pref
         attention_mask=attention_mask.repeat_interleave(n, dim=0),
         generation_config=config,
         **extra,
+        **extra_processors,
     )
     return out[:, width:]
 

@@ -34,9 +34,11 @@ from prefopt.models.rollout import (
     generate_batch,
     generation_config,
     left_pad,
+    recording_generation,
     score_samples,
     split_completion,
 )
+from prefopt.online.mismatch import in_batch_order, mismatch_metrics, mismatch_warning
 from prefopt.online.reuse import ReusePlan, RolloutWindow, reuse_plan
 from prefopt.online.shaping import overlong_penalty
 from prefopt.rewards.combined import component_means
@@ -88,9 +90,10 @@ class Rollout:
     old_token_logps: torch.Tensor | None = None  # pi_old of each completion token
     old_token_values: torch.Tensor | None = None  # PPO: V_old
     reference_token_logps: torch.Tensor | None = None
+    sampler_token_logps: torch.Tensor | None = None  # the sampler's own log-prob of each token
     batch: SequenceBatch | None = None  # the layout (rebuilt from groups after a resume)
 
-    TENSORS = ("old_token_logps", "old_token_values", "reference_token_logps")
+    TENSORS = ("old_token_logps", "old_token_values", "reference_token_logps", "sampler_token_logps")
 
     def state(self) -> dict:
         plain = {name: value for name, value in vars(self).items() if name != "batch" and name not in self.TENSORS}
@@ -165,6 +168,8 @@ class Rollouts:
         overlong: tuple[int, float] | None = None,
         reuse: ReusePlan | None = None,
         on_policy_slices: int = 1,
+        importance_cap: float | None = None,
+        mismatch_threshold: float = 0.05,
     ):
         self.window = RolloutWindow(reuse or ReusePlan())  # rollout reuse (online/reuse.py)
         self.on_policy_slices = on_policy_slices  # slices trained in the step that samples them (grad_accum)
@@ -179,27 +184,37 @@ class Rollouts:
         self.chunk_size = chunk_size
         self.use_logits = use_logits
         self._warned_empty = False  # the empty-completions warning is said once per run
+        self._warned_mismatch = False
+        self.importance_cap = importance_cap  # TIS: cap of the per-token weight pi_old / pi_sampler (None: off)
+        self.mismatch_threshold = mismatch_threshold  # mean |logp_learner - logp_sampler| that warns
 
     @torch.no_grad()
     def sample(self, model, items: list[PromptItem], settings: SampleSettings) -> list[Samples]:
-        """`settings.num_samples` completions per prompt from `model` as it is now (eval mode: no dropout)."""
+        """`settings.num_samples` completions per prompt from `model` as it is now (eval mode: no
+        dropout), with the sampler's log-prob of each token when it samples (not greedy)."""
         model = getattr(model, "module", model)
         config = generation_config(model, self.tokenizer, settings)
         eos = set(config.eos_token_id)
         device = next(model.parameters()).device
         input_ids, mask = left_pad([item.prompt_ids for item in items], self.tokenizer.pad_token_id, device)
+        processors = recorder = None
+        if config.do_sample:
+            config, processors, recorder = recording_generation(config)
         was_training = model.training
         model.eval()
         try:
-            new = generate_batch(model, input_ids, mask, settings.num_samples, config).tolist()
+            generated = generate_batch(model, input_ids, mask, settings.num_samples, config, True, processors)
         finally:
             model.train(was_training)
+        logps = recorder.finish(generated) if recorder is not None else None
+        new = generated.tolist()
         n, out = settings.num_samples, []
         for i, item in enumerate(items):
             kept = [split_completion(tokens, eos, self.tokenizer.pad_token_id) for tokens in new[i * n : (i + 1) * n]]
             ids = [k[0] for k in kept]
             texts = [self.tokenizer.decode(t[:-1] if f else t) for t, (_, f) in zip(ids, kept, strict=True)]
-            out.append(Samples(item.prompt_ids, ids, texts, [k[1] for k in kept]))
+            sampled = None if logps is None else [logps[i * n + j, : len(t)] for j, t in enumerate(ids)]
+            out.append(Samples(item.prompt_ids, ids, texts, [k[1] for k in kept], sampled))
         return out
 
     def _shape(self, samples: list[Samples], scores: list[list]) -> tuple[list[list], float]:
@@ -281,6 +296,7 @@ class Rollouts:
 
     def _rollout(self, items, samples, scores, baselines, part, device) -> Rollout:
         rollout = Rollout(prompt_indices=[items[i].index for i in part])
+        sampled = []  # the sampler's log-probs, completion by completion in row order
         for i in part:
             kept = [j for j, s in enumerate(scores[i]) if s is not None]
             if not kept or (self.greedy_baseline and baselines[i] is None):
@@ -291,12 +307,16 @@ class Rollouts:
             rollout.group_of += [len(rollout.groups) - 1] * len(kept)
             rollout.baseline_of += [baselines[i]] * len(kept)
             rollout.indices.append(items[i].index)
+            if samples[i].token_logps is not None:
+                sampled += [samples[i].token_logps[j] for j in kept]
         # Nothing to learn from in some process: every process skips this micro-batch together. A
         # process that skipped alone would run no forward, and under DDP the others would wait in
         # the gradient all-reduce for it (DESIGN §7). No gradient this micro-batch, anywhere.
         rollout.skip = any_process(not rollout.rewards, device)
         if not rollout.skip:
             rollout.batch = self.layout(rollout, device)
+            if sampled:
+                rollout.sampler_token_logps = in_batch_order(rollout.batch, sampled)
         return rollout
 
     def layout(self, rollout: Rollout, device) -> SequenceBatch:
@@ -346,6 +366,11 @@ class Rollouts:
         if self.critic is not None:  # V(s_t) from the state that predicts token t (the same forward)
             inputs.token_values = self.critic(states.hidden)
             inputs.old_token_values = rollout.old_token_values
+        inputs.sampler_token_logps, inputs.importance_cap = rollout.sampler_token_logps, self.importance_cap
+        if first_pass and rollout.sampler_token_logps is not None:  # the learner at the sampler's weights
+            old = token_logps.detach() if rollout.old_token_logps is None else rollout.old_token_logps
+            rollout.metrics.update(self._mismatch(old, rollout.sampler_token_logps))
+            metrics.update(rollout.metrics)
         out = loss_fn(inputs, **loss_args)
         if reused and rollout.old_token_logps is None:  # no update yet since sampling: this is pi_old
             rollout.old_token_logps = token_logps.detach()
@@ -353,6 +378,14 @@ class Rollouts:
                 rollout.old_token_values = inputs.token_values.detach()
         metrics.update({name: float(value) for name, value in out.metrics.items()})
         return out.loss, metrics, batch
+
+    def _mismatch(self, learner: torch.Tensor, sampler: torch.Tensor) -> dict:
+        """The monitor (online/mismatch.py), with its warning said once per run."""
+        values = mismatch_metrics(learner, sampler)
+        if not self._warned_mismatch and values["mismatch/mean_abs_logp_diff"] > self.mismatch_threshold:
+            self._warned_mismatch = True
+            print(f"prefopt: warning: {mismatch_warning(values, self.mismatch_threshold)}")
+        return values
 
     # -- checkpoints: a half-used window, for an exact resume ---------------------------------
 
@@ -431,4 +464,6 @@ def make_rollouts(config, spec, tokenizer, share_prefix: bool, use_logits: bool,
         overlong=(config.overlong_buffer, config.overlong_penalty) if config.overlong_buffer else None,
         reuse=reuse_plan(config.num_iterations, config.steps_per_generation, config.grad_accum),
         on_policy_slices=config.grad_accum,
+        importance_cap=config.importance_sampling_cap,
+        mismatch_threshold=config.mismatch_threshold,
     )
