@@ -1,6 +1,10 @@
 """Evidence for the online losses: does each one learn the arithmetic task, at what cost?
 
     python -m prefopt.bench.online [--losses grpo,rloo,remax,reinforce_pp,ppo] [--steps 30]
+    python -m prefopt.bench.online --losses grpo@1,grpo@2,grpo@4,gspo@2,cispo@2 --steps 40
+
+A loss written NAME@MU trains with --num-iterations MU (each sampled batch serves MU updates);
+NAME@MU:fp32 also turns mixed precision off (the sampler-learner mismatch in fp32).
 
 The first `--held-out` prompts of data_samples/arithmetic.jsonl are never trained on. The
 untrained model and each loss's final model answer them greedily; the table reports the
@@ -9,7 +13,9 @@ held-out mean `number_match` (the right sum is among the answer's numbers) and `
 and last five steps), the step time (mean after the first step), the share of the step spent
 sampling, and the peak memory of the process that trained (CPU: peak RSS; CUDA: max allocated).
 Every run trains on the other prompts with the same settings, seed and reward (number_match),
-each in a fresh process, one after another.
+each in a fresh process, one after another. The table also gives the run's training seconds and
+the sampler-learner mismatch (mean |log pi_learner - log pi_sampler| of the sampled tokens over the
+run, and the largest per-step max ratio).
 """
 
 from __future__ import annotations
@@ -69,8 +75,12 @@ def _worker(args) -> dict:
         return {"loss": "base", **held_out_rewards(args.model, held_out, args.max_new_tokens)}
     from prefopt import TrainConfig, train
 
+    loss, _, variant = args.worker.partition("@")
+    mu, _, precision = variant.partition(":")
     config = TrainConfig(
-        loss=args.worker,
+        loss=loss,
+        num_iterations=int(mu or 1),
+        mixed_precision="no" if precision == "fp32" else "auto",
         model=args.model,
         data=[str(train_file)],
         reward="number_match",
@@ -84,7 +94,7 @@ def _worker(args) -> dict:
         logging_steps=1,
         save_steps=10_000,
         seed=args.seed,
-        output_dir=str(Path(args.output_dir) / args.worker),
+        output_dir=str(Path(args.output_dir) / args.worker.replace("@", "_mu").replace(":", "_")),
         overwrite=True,
     )
     result = train(config)
@@ -94,7 +104,11 @@ def _worker(args) -> dict:
     step_s = (elapsed[-1] - elapsed[0]) / max(len(elapsed) - 1, 1)
     generation = sum(row["generation_s"] for row in rows[1:]) / max(len(rows) - 1, 1)
     peak = _peak_memory_mb()  # training's peak, before the evaluation loads a second copy
+    mismatch = [row["mismatch/mean_abs_logp_diff"] for row in rows if "mismatch/mean_abs_logp_diff" in row]
     return {
+        "train_s": elapsed[-1],
+        "mismatch_mean_abs": sum(mismatch) / len(mismatch) if mismatch else None,
+        "mismatch_max_ratio": max((row.get("mismatch/max_ratio", 0.0) for row in rows), default=None),
         "loss": args.worker,
         "train_reward_first": sum(r["reward"] for r in rows[:5]) / len(rows[:5]),
         "train_reward_last": sum(r["reward"] for r in rows[-5:]) / len(rows[-5:]),
@@ -116,15 +130,16 @@ def format_table(base: dict, results: list[dict], args) -> str:
         f"held-out greedy reward on {args.held_out} prompts; {args.steps} steps, G={args.num_generations}, "
         f"{args.batch_size} prompts/step, {args.max_new_tokens} new tokens, lr {args.learning_rate}",
         "| loss | number_match before → after | exact_match before → after | train reward first 5 → last 5 steps "
-        "| step time | sampling share | peak memory |",
-        "|---|---|---|---|---|---|---|",
+        "| step time | sampling share | training time | mismatch mean abs / max ratio | peak memory |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| `{r['loss']}` | {base['number_match']:.3f} → {r['number_match']:.3f} "
             f"| {base['exact_match']:.3f} → {r['exact_match']:.3f} "
             f"| {r['train_reward_first']:.3f} → {r['train_reward_last']:.3f} | {r['step_s']:.1f} s "
-            f"| {r['generation_share']:.0%} | {r['peak_mb']:.0f} MB |"
+            f"| {r['generation_share']:.0%} | {r['train_s']:.0f} s "
+            f"| {r['mismatch_mean_abs']:.2g} / {r['mismatch_max_ratio']:.3g} | {r['peak_mb']:.0f} MB |"
         )
     return "\n".join(lines)
 
