@@ -128,6 +128,10 @@ class TrainConfig:
         "default: grad_accum when num_iterations > 1, else 1",
         default=None,
     )
+    mask_truncated_completions: bool = _help(
+        "DAPO: completions cut at max_new_tokens leave the loss (they still count in their group's advantages)",
+        default=False,
+    )
     importance_sampling_cap: float | None = _help(
         "truncated importance sampling: weight each token's policy gradient by min(pi_old / pi_sampler, C) "
         "(for a sampler in another precision or engine; off: null)",

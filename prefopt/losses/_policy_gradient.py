@@ -60,6 +60,20 @@ def corrected(per_item: torch.Tensor, weights: torch.Tensor | None) -> torch.Ten
     return per_item if weights is None else per_item * weights
 
 
+def token_mask(inputs: LossInputs) -> torch.Tensor | None:
+    """(K,) 1 for the tokens of completions that count in the loss, 0 for masked ones (DAPO's
+    truncation masking); None: all count. Masked completions keep their place in the advantages."""
+    return None if inputs.completion_mask is None else inputs.completion_mask[inputs.token_rows]
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean of `values` over the entries the mask keeps (0 with no gradient when none is kept)."""
+    if mask is None:
+        return values.mean() if values.numel() else values.sum()
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
 def clipped_surrogate(
     log_ratio: torch.Tensor, advantages: torch.Tensor, epsilon: float, epsilon_high: float | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,12 +99,13 @@ def aggregate(per_token: torch.Tensor, inputs: LossInputs, loss_type: str) -> to
     if loss_type == "grpo":
         sums = per_token.new_zeros(num_rows).index_add(0, rows, per_token)
         lengths = per_token.new_zeros(num_rows).index_add(0, rows, torch.ones_like(per_token))
-        return (sums / lengths.clamp(min=1)).mean()
+        return masked_mean(sums / lengths.clamp(min=1), inputs.completion_mask)
     if loss_type in ("bnpo", "dapo"):
-        return per_token.sum() / max(per_token.numel(), 1)
-    if loss_type == "dr_grpo":
+        return masked_mean(per_token, token_mask(inputs))
+    if loss_type == "dr_grpo":  # TRL: masked tokens leave the sum, not the constant normaliser
         longest = inputs.max_completion_length or int(inputs.chosen_lengths.max())
-        return per_token.sum() / (num_rows * longest)
+        mask = token_mask(inputs)
+        return (per_token if mask is None else per_token * mask).sum() / (num_rows * longest)
     raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(NORMALISATIONS)}")
 
 
@@ -155,4 +170,4 @@ def sequence_level_loss(
     per_sequence = corrected(per_sequence, sequence_sampler_weights(inputs))
     metrics = rollout_metrics(inputs, None, active)
     metrics["kl"] = kl.sum() / inputs.chosen_lengths.float().sum().clamp(min=1)  # per token, as the others
-    return LossOutput(per_sequence.mean(), metrics)
+    return LossOutput(masked_mean(per_sequence, inputs.completion_mask), metrics)

@@ -53,6 +53,7 @@ class LossInputs:
     old_token_logps: torch.Tensor | None = None  # (K,) the sampling policy's; None: one update per batch (rho == 1)
     sampler_token_logps: torch.Tensor | None = None  # (K,) the sampler's own (generate's), for TIS
     importance_cap: float | None = None  # TIS: weight each token by min(pi_old / pi_sampler, cap); None: off
+    completion_mask: torch.Tensor | None = None  # (N,) 1 = counts in the loss (DAPO: truncated ones 0); None: all
     token_rows: torch.Tensor | None = None  # (K,) long: the completion each token belongs to
     rewards: torch.Tensor | None = None  # (N,) the reward of each completion
     groups: torch.Tensor | None = None  # (N,) long: the prompt each completion was sampled for

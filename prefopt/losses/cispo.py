@@ -54,5 +54,5 @@ def cispo_loss(
     if beta and kl is not None:
         per_token = per_token + beta * kl
     active = (rho > epsilon_max) & (advantages > 0)
-    loss = per_token.sum() / max(per_token.numel(), 1)
+    loss = pg.masked_mean(per_token, pg.token_mask(inputs))
     return LossOutput(loss, pg.rollout_metrics(inputs, kl, active))

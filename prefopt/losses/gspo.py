@@ -51,4 +51,4 @@ def gspo_loss(
     kl = pg.token_kl(inputs, kl_estimator)
     if beta and kl is not None:
         per_sequence = per_sequence + beta * kl.new_zeros(n).index_add(0, rows, kl) / lengths
-    return LossOutput(per_sequence.mean(), pg.rollout_metrics(inputs, kl, active))
+    return LossOutput(pg.masked_mean(per_sequence, inputs.completion_mask), pg.rollout_metrics(inputs, kl, active))

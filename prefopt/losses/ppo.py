@@ -84,8 +84,8 @@ def ppo_loss(
     clipped_values = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
     returns = returns.detach()
     value = 0.5 * torch.max((values - returns) ** 2, (clipped_values - returns) ** 2)
-    tokens = max(policy.numel(), 1)
-    policy_loss, value_loss = policy.sum() / tokens, value.sum() / tokens
+    mask = pg.token_mask(inputs)  # DAPO's truncation masking: masked tokens leave both means
+    policy_loss, value_loss = pg.masked_mean(policy, mask), pg.masked_mean(value, mask)
     kl = kl_penalty(inputs.token_logps, inputs.reference_token_logps, kl_estimator)
     metrics = pg.rollout_metrics(inputs, kl, active)
     del metrics["equal_groups"]  # the critic, not the group, is PPO's baseline: equal groups still learn

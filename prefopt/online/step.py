@@ -85,6 +85,7 @@ class Rollout:
     group_of: list = field(default_factory=list)
     baseline_of: list = field(default_factory=list)
     indices: list = field(default_factory=list)  # the prompts that reach the loss
+    finished: list = field(default_factory=list)  # per completion: ended with EOS (not cut at max_new_tokens)
     metrics: dict = field(default_factory=dict)  # of the sampling: unscorable, generation_s, ...
     skip: bool = False  # nothing to learn from in some process: all processes skip it together
     old_token_logps: torch.Tensor | None = None  # pi_old of each completion token
@@ -170,6 +171,7 @@ class Rollouts:
         on_policy_slices: int = 1,
         importance_cap: float | None = None,
         mismatch_threshold: float = 0.05,
+        mask_truncated: bool = False,
     ):
         self.window = RolloutWindow(reuse or ReusePlan())  # rollout reuse (online/reuse.py)
         self.on_policy_slices = on_policy_slices  # slices trained in the step that samples them (grad_accum)
@@ -185,6 +187,7 @@ class Rollouts:
         self.use_logits = use_logits
         self._warned_empty = False  # the empty-completions warning is said once per run
         self._warned_mismatch = False
+        self.mask_truncated = mask_truncated
         self.importance_cap = importance_cap  # TIS: cap of the per-token weight pi_old / pi_sampler (None: off)
         self.mismatch_threshold = mismatch_threshold  # mean |logp_learner - logp_sampler| that warns
 
@@ -307,6 +310,7 @@ class Rollouts:
             rollout.group_of += [len(rollout.groups) - 1] * len(kept)
             rollout.baseline_of += [baselines[i]] * len(kept)
             rollout.indices.append(items[i].index)
+            rollout.finished += [samples[i].finished[j] for j in kept]
             if samples[i].token_logps is not None:
                 sampled += [samples[i].token_logps[j] for j in kept]
         # Nothing to learn from in some process: every process skips this micro-batch together. A
@@ -367,6 +371,8 @@ class Rollouts:
             inputs.token_values = self.critic(states.hidden)
             inputs.old_token_values = rollout.old_token_values
         inputs.sampler_token_logps, inputs.importance_cap = rollout.sampler_token_logps, self.importance_cap
+        if self.mask_truncated:  # DAPO: cut completions leave the loss, keep their place in the advantages
+            inputs.completion_mask = torch.tensor(rollout.finished, device=token_logps.device, dtype=torch.float32)
         if first_pass and rollout.sampler_token_logps is not None:  # the learner at the sampler's weights
             old = token_logps.detach() if rollout.old_token_logps is None else rollout.old_token_logps
             rollout.metrics.update(self._mismatch(old, rollout.sampler_token_logps))
@@ -466,4 +472,5 @@ def make_rollouts(config, spec, tokenizer, share_prefix: bool, use_logits: bool,
         on_policy_slices=config.grad_accum,
         importance_cap=config.importance_sampling_cap,
         mismatch_threshold=config.mismatch_threshold,
+        mask_truncated=config.mask_truncated_completions,
     )

@@ -411,3 +411,30 @@ def test_reinforce_pp_with_a_real_ratio():
     out.loss.backward()
     close(logps.grad, [0.0, -a[1] / 5, 0.0, -a[3] / 5, -a[4] / 5])
     close(out.metrics["clip_ratio"], 2 / 5)
+
+
+@pytest.mark.parametrize(
+    "loss_type,expected",
+    [
+        ("bnpo", -A),  # row 0's two tokens, each -A: their mean
+        ("grpo", -A),  # row 0's token mean, the only completion kept
+        ("dr_grpo", -2 * A / (2 * 4)),  # row 0's sum over completions (2) x max_completion_length (4)
+    ],
+)
+def test_truncation_mask_keeps_the_advantages_and_drops_the_tokens(loss_type, expected):
+    """DAPO's masking: row 1 (reward 0, truncated) is masked. The advantages still come from both
+    rewards (A = +a for row 0, as unmasked), but only row 0's tokens reach the loss; beta 0, rho 1."""
+    inputs = rollout_inputs(t(*LOGPS, grad=True), t(*REF), [0, 0, 1], [1.0, 0.0], [0, 0], max_len=4)
+    inputs.completion_mask = t(1.0, 0.0)
+    out = get_loss("grpo")(inputs, loss_type=loss_type, beta=0.0)
+    close(out.loss, expected)
+    out.loss.backward()
+    assert inputs.token_logps.grad[2] == 0  # the masked token has no gradient
+    for name in ("rloo", "gspo", "cispo"):  # every online loss takes the mask
+        masked = rollout_inputs(t(*LOGPS, grad=True), t(*REF), [0, 0, 1], [1.0, 0.0], [0, 0])
+        masked.completion_mask = t(1.0, 0.0)
+        get_loss(name)(masked).loss.backward()
+        assert masked.token_logps.grad[2] == 0 and masked.token_logps.grad[0] != 0, name
+    nothing = rollout_inputs(t(*LOGPS, grad=True), t(*REF), [0, 0, 1], [1.0, 0.0], [0, 0])
+    nothing.completion_mask = t(0.0, 0.0)
+    assert get_loss("grpo")(nothing, beta=0.0).loss.item() == 0.0  # all masked: 0, not NaN

@@ -41,3 +41,34 @@ def test_a_grpo_run_adds_the_penalty_to_every_reward(setup, tmp_path):
         assert row["reward"] == pytest.approx(1.0 + row["overlong_penalty"], abs=1e-6)
     with pytest.raises(PrefoptError, match=r"overlong_buffer \(4\) must be below max_new_tokens \(4\)"):
         train(TrainConfig(**{**values, "overlong_buffer": 4, "output_dir": str(tmp_path / "run2")}))
+
+
+def test_truncation_masking_marks_the_cut_completions(setup, tmp_path):
+    """mask_truncated_completions: the loss receives completion_mask = 1 for completions that ended
+    with EOS and 0 for those cut at max_new_tokens (here 3 tokens of a random model: nearly all cut,
+    each exactly 3 tokens long); without the option no mask is passed."""
+    from prefopt.losses import get_loss
+    from prefopt.losses.registry import register_loss
+
+    seen = []
+
+    @register_loss("test_mask_recorder", needs_rollouts=True, paired=False, replace=True)
+    def recorder(inputs, *, beta: float = 0.0):
+        seen.append((inputs.completion_mask, inputs.chosen_lengths.clone()))
+        return get_loss("grpo")(inputs, beta=beta)
+
+    root, model = setup
+    settings = dict(
+        loss="test_mask_recorder", model=model, data=[str(root / "prompts.jsonl")], reward="test_digits",
+        reward_module=[str(root / "digits_reward.py")], num_generations=4, max_new_tokens=3, batch_size=2,
+        max_steps=2, logging_steps=1, save_steps=1000,
+    )  # fmt: skip
+    train(TrainConfig(**settings, mask_truncated_completions=True, output_dir=str(tmp_path / "masked")))
+    assert len(seen) == 2
+    for mask, lengths in seen:
+        assert mask is not None and set(mask.tolist()) <= {0.0, 1.0}
+        assert all(length == 3 for m, length in zip(mask.tolist(), lengths.tolist(), strict=True) if m == 0)
+        assert mask.sum() < len(mask)
+    seen.clear()
+    train(TrainConfig(**settings, output_dir=str(tmp_path / "plain")))
+    assert [mask for mask, _ in seen] == [None, None]
