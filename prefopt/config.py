@@ -128,6 +128,11 @@ class TrainConfig:
         "default: grad_accum when num_iterations > 1, else 1",
         default=None,
     )
+    dynamic_sampling_rounds: int = _help(
+        "DAPO's dynamic sampling: groups whose rewards are all equal are replaced by newly drawn prompts, "
+        "up to N extra sampling rounds per batch (0: off; for group-baseline losses: grpo, rloo, gspo, cispo)",
+        default=0,
+    )
     mask_truncated_completions: bool = _help(
         "DAPO: completions cut at max_new_tokens leave the loss (they still count in their group's advantages)",
         default=False,
@@ -242,6 +247,7 @@ _RANGES: dict[str, tuple] = {
     "overlong_penalty": (lambda v: v >= 0, ">= 0"),
     "importance_sampling_cap": (lambda v: v >= 1, ">= 1 (weights above it are cut to it)"),
     "mismatch_threshold": (lambda v: v > 0, "> 0"),
+    "dynamic_sampling_rounds": (lambda v: v >= 0, ">= 0"),
     **{
         name: (lambda v: v >= 1, ">= 1")
         for name in (

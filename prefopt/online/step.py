@@ -38,6 +38,7 @@ from prefopt.models.rollout import (
     score_samples,
     split_completion,
 )
+from prefopt.online.dynamic import fill, informative
 from prefopt.online.mismatch import in_batch_order, mismatch_metrics, mismatch_warning
 from prefopt.online.reuse import ReusePlan, RolloutWindow, reuse_plan
 from prefopt.online.shaping import overlong_penalty
@@ -172,6 +173,7 @@ class Rollouts:
         importance_cap: float | None = None,
         mismatch_threshold: float = 0.05,
         mask_truncated: bool = False,
+        dynamic_rounds: int = 0,
     ):
         self.window = RolloutWindow(reuse or ReusePlan())  # rollout reuse (online/reuse.py)
         self.on_policy_slices = on_policy_slices  # slices trained in the step that samples them (grad_accum)
@@ -188,6 +190,8 @@ class Rollouts:
         self._warned_empty = False  # the empty-completions warning is said once per run
         self._warned_mismatch = False
         self.mask_truncated = mask_truncated
+        self.dynamic_rounds = dynamic_rounds  # DAPO's dynamic sampling: extra rounds allowed (0: off)
+        self.prompt_pool: list[PromptItem] = []  # where extra prompts come from (the trainer sets it)
         self.importance_cap = importance_cap  # TIS: cap of the per-token weight pi_old / pi_sampler (None: off)
         self.mismatch_threshold = mismatch_threshold  # mean |logp_learner - logp_sampler| that warns
 
@@ -266,16 +270,12 @@ class Rollouts:
         out for the loss. Slices first trained after an optimizer step get pi_old now."""
         started = time.perf_counter()
         prompts = [item.example for item in items]
-        samples = self.sample(model, items, self.settings)
-        scores, _ = score_samples(self.reward, prompts, samples)
-        components = component_means(self.reward)  # reward/NAME of each of several rewards
-        if self.overlong:
-            scores, components["overlong_penalty"] = self._shape(samples, scores)
-        baselines = [None] * len(items)
-        if self.greedy_baseline:
-            greedy = SampleSettings(num_samples=1, max_new_tokens=self.settings.max_new_tokens, temperature=0)
-            greedy_scores, _ = score_samples(self.reward, prompts, self.sample(model, items, greedy))
-            baselines = [group[0] for group in greedy_scores]
+        samples, scores, baselines, components = self._sample_and_score(model, items)
+        if self.dynamic_rounds:  # DAPO: replace equal-reward groups with newly drawn prompts
+            items, samples, scores, baselines, components = self._refill(
+                model, items, samples, scores, baselines, components
+            )
+            prompts = [item.example for item in items]
         generation_s = time.perf_counter() - started
         texts = [text for group in samples for text in group.completions]
         self._warn_if_empty(sum(not text.strip() for text in texts), len(texts), prompts)
@@ -296,6 +296,46 @@ class Rollouts:
                 self._keep_old(model, rollout)  # trained after an update: pi_old is the sampler as it is now
             rollouts.append(rollout)
         return rollouts
+
+    def _sample_and_score(self, model, items: list[PromptItem]):
+        """(samples, scores, greedy baselines, reward components) of `items`."""
+        prompts = [item.example for item in items]
+        samples = self.sample(model, items, self.settings)
+        scores, _ = score_samples(self.reward, prompts, samples)
+        components = component_means(self.reward)  # reward/NAME of each of several rewards
+        if self.overlong:
+            scores, components["overlong_penalty"] = self._shape(samples, scores)
+        baselines = [None] * len(items)
+        if self.greedy_baseline:
+            greedy = SampleSettings(num_samples=1, max_new_tokens=self.settings.max_new_tokens, temperature=0)
+            greedy_scores, _ = score_samples(self.reward, prompts, self.sample(model, items, greedy))
+            baselines = [group[0] for group in greedy_scores]
+        return samples, scores, baselines, components
+
+    def _refill(self, model, items, samples, scores, baselines, components):
+        """Dynamic sampling (online/dynamic.py). Every process samples the same number of rounds (a
+        sharded model generates together), as long as any of them still lacks informative groups."""
+        candidates = list(zip(items, samples, scores, baselines, strict=True))
+        device = next(model.parameters()).device
+        rounds = 0
+        while rounds < self.dynamic_rounds:
+            missing = len(items) - sum(informative(c[2]) for c in candidates)
+            if not any_process(missing > 0, device):
+                break
+            picks = torch.randint(len(self.prompt_pool), (max(missing, 1),)).tolist()
+            extra = [self.prompt_pool[i] for i in picks]
+            new_samples, new_scores, new_baselines, _ = self._sample_and_score(model, extra)
+            if missing > 0:
+                candidates += list(zip(extra, new_samples, new_scores, new_baselines, strict=True))
+            rounds += 1
+        chosen = fill(candidates, len(items))
+        components = {
+            **components,
+            "dynamic_sampling/rounds": float(rounds),
+            "dynamic_sampling/informative": sum(informative(c[2]) for c in chosen) / len(chosen),
+        }
+        items, samples, scores, baselines = (list(column) for column in zip(*chosen, strict=True))
+        return items, samples, scores, baselines, components
 
     def _rollout(self, items, samples, scores, baselines, part, device) -> Rollout:
         rollout = Rollout(prompt_indices=[items[i].index for i in part])
@@ -473,4 +513,5 @@ def make_rollouts(config, spec, tokenizer, share_prefix: bool, use_logits: bool,
         importance_cap=config.importance_sampling_cap,
         mismatch_threshold=config.mismatch_threshold,
         mask_truncated=config.mask_truncated_completions,
+        dynamic_rounds=config.dynamic_sampling_rounds,
     )

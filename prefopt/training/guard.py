@@ -52,6 +52,7 @@ MAY_CHANGE = frozenset(
         "resume",
         "overwrite",
         "skip_nonfinite",
+        "mismatch_threshold",  # when to warn, not what is computed
         # speed and memory, not the arithmetic
         "chunk_size",
         "gradient_checkpointing",

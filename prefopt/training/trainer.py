@@ -165,6 +165,8 @@ class PreferenceTrainer(TrainerHooks):
         self.loss_args = loss_args
         self.reference = reference
         self.rollouts = rollouts  # prefopt.online.step.Rollouts when the loss declares needs_rollouts
+        if rollouts is not None and self.train_dataset is not None:
+            rollouts.prompt_pool = self.train_dataset.items  # dynamic sampling draws extra prompts here
         self.critic = critic  # prefopt.online.critic.ValueHead when the loss declares needs_value_model
         self.value_learning_rate = value_learning_rate  # its peak lr (None: the policy's)
         self.chunk_size = chunk_size
