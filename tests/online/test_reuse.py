@@ -29,14 +29,14 @@ def _record(inputs, name: str, **kwargs):
     return get_loss(name)(inputs, **kwargs)
 
 
-@register_reward("test_length", replace=True)
+@register_reward("test_reuse_length", replace=True)
 def length_reward(prompts, completions, **columns):
     """Almost never equal within a group, so every step has a gradient and moves the policy."""
     return [len(text) / 10 for text in completions]
 
 
 def reuse_config(setup, tmp_path, **overrides):
-    return config(setup, tmp_path, reward="test_length", reward_module=[], batch_size=2, **overrides)
+    return config(setup, tmp_path, reward="test_reuse_length", reward_module=[], batch_size=2, **overrides)
 
 
 @register_loss("test_recording_grpo", needs_rollouts=True, paired=False, replace=True)
