@@ -56,6 +56,17 @@ def reuse_plan(num_iterations: int, steps_per_generation: int | None, grad_accum
     return ReusePlan(num_iterations, steps_per_generation)
 
 
+def check_enough_prompts(num_prompts: int, chunk: int) -> None:
+    """A reused generation batch takes `chunk` = batch_size x S x processes prompts at a time; fewer
+    prompts than that would make an empty epoch. Checked when the prompts are read (before the model
+    loads) and again by the sampler."""
+    if num_prompts < chunk:
+        raise PrefoptError(
+            f"rollout reuse samples {chunk} prompts at a time (batch_size x steps_per_generation x "
+            f"processes) but the data has {num_prompts}: lower batch_size or steps_per_generation"
+        )
+
+
 class RolloutSampler(torch.utils.data.Sampler):
     """Prompt indices for reuse: a seeded permutation per epoch, cut into chunks of one generation
     batch for every process (batch_size x S x processes prompts), each chunk yielded mu x S times.
@@ -70,11 +81,7 @@ class RolloutSampler(torch.utils.data.Sampler):
         self.repeats = repeats
         self.seed = seed
         self.epoch = 0
-        if num_items < self.chunk:
-            raise PrefoptError(
-                f"rollout reuse samples {self.chunk} prompts at a time (batch_size x steps_per_generation x "
-                f"processes) but the data has {num_items}: lower batch_size or steps_per_generation"
-            )
+        check_enough_prompts(num_items, self.chunk)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

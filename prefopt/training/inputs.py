@@ -8,6 +8,7 @@ examples (pairs, singles or prompts, with a held-out split) and their token ids.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from prefopt.config import ConfigError, TrainConfig
@@ -106,6 +107,7 @@ def _mixture_part(count) -> str:
 
 def _prepare_prompts(config: TrainConfig, spec: LossSpec):
     from prefopt.data.formats import load_prompts
+    from prefopt.online.reuse import check_enough_prompts, reuse_plan
 
     if config.eval_data or config.eval_fraction:
         raise ConfigError(
@@ -117,6 +119,10 @@ def _prepare_prompts(config: TrainConfig, spec: LossSpec):
             f"loss '{spec.name}' samples completions and needs a reward to score them: pass --reward NAME"
         )
     prompts, report = load_prompts(config.data, config.format, config.columns)
+    plan = reuse_plan(config.num_iterations, config.steps_per_generation, config.grad_accum)
+    if plan.active:  # an error now, not after the model has loaded
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        check_enough_prompts(len(prompts), config.batch_size * plan.steps_per_generation * processes)
     return PreparedData(prompts, None, report)
 
 

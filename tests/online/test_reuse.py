@@ -65,6 +65,22 @@ def test_sampler_repeats_each_generation_batch_and_drops_an_incomplete_one():
         RolloutSampler(5, 4, 2, 2, seed=0)
 
 
+def test_too_few_prompts_for_one_generation_batch_is_refused_before_the_model_loads(setup, tmp_path):
+    """batch_size 4 x S 2 = 8 prompts per generation batch, but the file has fewer: the error comes
+    while the prompts are read, so the model (here a path that does not exist) is never loaded and
+    the output folder is never made."""
+    root, _ = setup
+    prompts = (root / "prompts.jsonl").read_text().splitlines()
+    few = tmp_path / "few.jsonl"
+    few.write_text("\n".join(prompts[:3]) + "\n")
+    cfg = config(
+        setup, tmp_path, data=[str(few)], model=str(tmp_path / "no-model"), num_iterations=2, steps_per_generation=2
+    )
+    with pytest.raises(PrefoptError, match="samples 8 prompts at a time .* the data has 3"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_plan_defaults_follow_trl_and_config_checks_the_split():
     assert reuse_plan(1, None, grad_accum=4) == ReusePlan(1, 1)  # today's stream, draw for draw
     assert reuse_plan(2, None, grad_accum=4) == ReusePlan(2, 4)  # TRL: S = grad_accum
