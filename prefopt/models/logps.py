@@ -167,20 +167,40 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.bmm(a[:, None, :], b[:, :, None]).view(-1)
 
 
-def _head_backward(grad_logits, hidden, weight, sl, grad_hidden, grad_weight) -> None:
-    """One chunk's d loss / d logits -> the hidden states' rows `sl` and the head weight (accumulated).
+def _head_backward(grad_logits, hidden, weight, sl, grad_hidden, grad_weight, want_weight: bool, acc: torch.dtype):
+    """One chunk's d loss / d logits -> the hidden states' rows `sl` and the head weight; returns the
+    weight gradient accumulated so far (None until the first chunk, which starts it without a zeroed
+    vocabulary x hidden buffer).
 
     Under autocast (mixed precision) both matmuls run in its low precision, as the forward's did;
-    the weight gradient still accumulates over chunks in fp32.
+    the weight gradient still accumulates over chunks in `acc` (fp32).
     """
     grad_logits = grad_logits.to(weight.dtype)
     if grad_hidden is not None:
         grad_hidden[sl] = grad_logits @ weight
-    if grad_weight is not None:
-        if torch.is_autocast_enabled(grad_logits.device.type):  # in-place addmm_ would bypass autocast
-            grad_weight.add_(grad_logits.T @ hidden[sl])
-        else:
-            grad_weight.addmm_(grad_logits.T.to(grad_weight.dtype), hidden[sl].to(grad_weight.dtype))
+    if not want_weight:
+        return None
+    if torch.is_autocast_enabled(grad_logits.device.type):  # in-place addmm_ would bypass autocast
+        part = grad_logits.T @ hidden[sl]
+        return part.to(acc) if grad_weight is None else grad_weight.add_(part)
+    if grad_weight is None:
+        return torch.mm(grad_logits.T.to(acc), hidden[sl].to(acc))
+    return grad_weight.addmm_(grad_logits.T.to(acc), hidden[sl].to(acc))
+
+
+def _row_blocks(rows: int, vocab: int):
+    """Slices of about 8 MB of fp32 rows of a chunk x vocabulary tensor (42 rows at V = 49k).
+
+    The fused heads keep the chunk's matmul whole (its speed needs the rows) but run the pointwise
+    passes (the fp32 copy, logsumexp, exp, the gradient's in-place updates) block by block. On a CPU a
+    fresh tensor of a whole chunk (575 x 49k fp32: 113 MB) is a new memory mapping that the kernel
+    faults in page by page (a non-in-place subtraction over it took 185 ms, the same in place 7 ms);
+    a block's temporaries come from the heap and stay in cache. Rows are independent, so the results
+    are bitwise those of whole-chunk passes.
+    """
+    step = max(1, (8 << 20) // (4 * vocab))
+    for start in range(0, rows, step):
+        yield slice(start, start + step)
 
 
 class _LinearHeadLogps(torch.autograd.Function):
@@ -208,9 +228,11 @@ class _LinearHeadLogps(torch.autograd.Function):
         lse = torch.empty_like(logps)
         for start in range(0, hidden.shape[0], chunk_size):
             sl = slice(start, start + chunk_size)
-            logits = F.linear(hidden[sl], weight).float()
-            lse[sl] = torch.logsumexp(logits, dim=-1)
-            logps[sl] = logits.gather(-1, targets[sl, None]).squeeze(-1) - lse[sl]
+            logits = F.linear(hidden[sl], weight)
+            chunk_lse = lse[sl]
+            for rows in _row_blocks(logits.shape[0], logits.shape[1]):
+                chunk_lse[rows] = torch.logsumexp(logits[rows].float(), dim=-1)
+            logps[sl] = logits.gather(-1, targets[sl, None]).squeeze(-1).float() - chunk_lse
             del logits
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk_size = chunk_size
@@ -222,15 +244,21 @@ class _LinearHeadLogps(torch.autograd.Function):
         hidden_dtype, weight_dtype = ctx.dtypes
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty(hidden.shape, device=hidden.device, dtype=hidden_dtype) if want_hidden else None
-        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if want_weight else None
+        grad_weight = None
         with _same_autocast(ctx):
             for start in range(0, hidden.shape[0], ctx.chunk_size):
                 sl = slice(start, start + ctx.chunk_size)
-                g = grad_logps[sl, None].float()
-                grad_logits = F.linear(hidden[sl], weight).float()
-                grad_logits.sub_(lse[sl, None]).exp_().mul_(-g)  # -g * softmax
-                grad_logits.scatter_add_(-1, targets[sl, None], g)  # + g * onehot(target)
-                _head_backward(grad_logits, hidden, weight, sl, grad_hidden, grad_weight)
+                g, chunk_lse, chunk_targets = grad_logps[sl, None].float(), lse[sl, None], targets[sl, None]
+                grad_logits = F.linear(hidden[sl], weight)  # the logits, turned into their gradient in place
+                for rows in _row_blocks(grad_logits.shape[0], grad_logits.shape[1]):
+                    block = grad_logits[rows].float()  # (a view when the logits are fp32)
+                    block.sub_(chunk_lse[rows]).exp_().mul_(-g[rows])  # -g * softmax
+                    block.scatter_add_(-1, chunk_targets[rows], g[rows])  # + g * onehot(target)
+                    if block.dtype != grad_logits.dtype:
+                        grad_logits[rows] = block
+                grad_weight = _head_backward(
+                    grad_logits, hidden, weight, sl, grad_hidden, grad_weight, want_weight, torch.float32
+                )
                 del grad_logits
         if want_weight:
             grad_weight = grad_weight.to(weight_dtype)
@@ -294,7 +322,7 @@ class _LinearHeadLogpsKL(torch.autograd.Function):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         acc = lse.dtype
-        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=acc) if want_weight else None
+        grad_weight = None
         if grad_logps is None:
             grad_logps = torch.zeros_like(lse)
         if grad_kl is None:
@@ -319,7 +347,9 @@ class _LinearHeadLogpsKL(torch.autograd.Function):
                 grad_logits.sub_(ref_p)  # - g_kl p
                 del ref_p
                 grad_logits.scatter_add_(-1, targets[sl, None], g_logp)  # + g_logp onehot(target)
-                _head_backward(grad_logits, hidden, weight, sl, grad_hidden, grad_weight)
+                grad_weight = _head_backward(
+                    grad_logits, hidden, weight, sl, grad_hidden, grad_weight, want_weight, acc
+                )
                 del grad_logits
         if want_weight:
             grad_weight = grad_weight.to(weight.dtype)

@@ -187,6 +187,39 @@ def test_fused_token_kl_gradcheck():
     assert torch.allclose(kl, (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1))
 
 
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_row_blocked_head_is_bitwise_the_whole_chunk_computation(amp):
+    """The fused head runs its pointwise passes in blocks of rows (8 MB of fp32: 42 rows at
+    V = 49152, so 97 positions in chunks of 64 make blocks of 42 + 22 and 33). Rows are independent,
+    so log-probs and both gradients are bitwise those of the whole-chunk passes written out here:
+    lse = logsumexp(logits), logp = logits[target] - lse, d/dlogits = g (onehot - exp(logits - lse)),
+    the weight gradient summed over chunks in fp32."""
+    from prefopt.models.logps import _LinearHeadLogps
+
+    torch.manual_seed(0)
+    n, vocab, width, chunk = 97, 49152, 16, 64
+    hidden = torch.randn(n, width, requires_grad=True)
+    weight = (0.1 * torch.randn(vocab, width)).requires_grad_()
+    targets, grad = torch.randint(0, vocab, (n,)), torch.randn(n)
+    with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+        logps = _LinearHeadLogps.apply(hidden, weight, targets, chunk)
+        (logps * grad).sum().backward()
+        h, w = (hidden.detach().to(amp), weight.detach().to(amp)) if amp else (hidden.detach(), weight.detach())
+        expected_logps, grad_hidden, grad_weight = [], [], torch.zeros(vocab, width)
+        for start in range(0, n, chunk):
+            sl = slice(start, start + chunk)
+            logits = torch.nn.functional.linear(h[sl], w).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            expected_logps.append(logits.gather(-1, targets[sl, None]).squeeze(-1) - lse)
+            g = grad[sl, None]
+            d = logits.sub_(lse[:, None]).exp_().mul_(-g).scatter_add_(-1, targets[sl, None], g).to(w.dtype)
+            grad_hidden.append((d @ w).float())
+            grad_weight.add_(d.T @ h[sl])
+    assert torch.equal(logps, torch.cat(expected_logps))
+    assert torch.equal(hidden.grad, torch.cat(grad_hidden))
+    assert torch.equal(weight.grad, grad_weight)
+
+
 def test_fused_and_checkpointed_token_kl_paths_agree():
     """TDPO's KL through the fused linear-head function and through the generic checkpointed chunks
     (taken for heads that are not a plain bias-free Linear): same values and gradients."""
