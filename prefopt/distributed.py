@@ -3,7 +3,15 @@ stopping would leave the others waiting in a collective until the timeout."""
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+
+def launched_processes() -> int:
+    """How many processes the launcher (torchrun, accelerate launch) started; 1 without one. Read
+    from its environment, so it is known before any process group or model exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def any_process(flag: bool, device: torch.device | str) -> bool:

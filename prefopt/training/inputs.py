@@ -8,13 +8,13 @@ examples (pairs, singles or prompts, with a held-out split) and their token ids.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from prefopt.config import ConfigError, TrainConfig
 from prefopt.data import DataError
 from prefopt.data.cache import build_examples, held_out_positions, mixture_indices, tokenize_table
 from prefopt.data.sources import parse_sources
+from prefopt.distributed import launched_processes
 from prefopt.errors import PrefoptError
 from prefopt.losses import LossSpec
 
@@ -121,8 +121,7 @@ def _prepare_prompts(config: TrainConfig, spec: LossSpec):
     prompts, report = load_prompts(config.data, config.format, config.columns)
     plan = reuse_plan(config.num_iterations, config.steps_per_generation, config.grad_accum)
     if plan.active:  # an error now, not after the model has loaded
-        processes = int(os.environ.get("WORLD_SIZE", "1"))
-        check_enough_prompts(len(prompts), config.batch_size * plan.steps_per_generation * processes)
+        check_enough_prompts(len(prompts), config.batch_size * plan.steps_per_generation * launched_processes())
     return PreparedData(prompts, None, report)
 
 

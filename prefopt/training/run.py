@@ -22,6 +22,7 @@ from prefopt.compat import grouped_query_attention_in_sdpa
 from prefopt.config import ConfigError, TrainConfig
 from prefopt.data import PreferenceCollator
 from prefopt.data.cache import ChainedItems
+from prefopt.distributed import launched_processes
 from prefopt.errors import PrefoptError
 from prefopt.losses import LossSpec, get_loss, get_loss_spec
 from prefopt.models.quiet_logs import quiet_loading_bars, quiet_tied_weight_warnings
@@ -299,7 +300,7 @@ def _build_trainer(config, spec, loss_args, reference_mode, output_dir, train_ex
     if spec.needs_value_model:  # PPO's critic: a value head on the policy's states, trained with it
         from prefopt.online.critic import value_head_for
 
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # its head is outside the DDP-wrapped model
+        if launched_processes() > 1:  # its head is outside the DDP-wrapped model
             raise ConfigError(
                 f"loss '{spec.name}' trains a value head that is not synchronised across processes "
                 "yet: run it on one process (one GPU or the CPU)"
